@@ -1,0 +1,53 @@
+"""Trellis: a Trio structured-concurrency server for AI-agent conversations.
+
+The public surface, for embedders: run the supervisor in your own Trio program with
+:func:`open_run_supervisor`, serve it over HTTP with :func:`create_app`, register agent
+kinds on an :class:`AgentRegistry`.
+"""
+
+from app.agents import (
+    CONTINUE,
+    Agent,
+    AgentRegistry,
+    StepContext,
+    StepResult,
+    default_registry,
+    finish,
+)
+from app.errors import TrellisError
+from app.events import Event, Source
+from app.handles import IfBusy, SupervisorStatistics
+from app.lifecycle import Status
+from app.records import ConversationRecord, RunRecord
+from app.settings import Settings, load_settings
+from app.store import EventQuery, EventStore, NewConversation, SqliteStore
+from app.supervisor import RunSupervisor, open_run_supervisor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONTINUE",
+    "Agent",
+    "AgentRegistry",
+    "ConversationRecord",
+    "Event",
+    "EventQuery",
+    "EventStore",
+    "IfBusy",
+    "NewConversation",
+    "RunRecord",
+    "RunSupervisor",
+    "Settings",
+    "Source",
+    "SqliteStore",
+    "Status",
+    "StepContext",
+    "StepResult",
+    "SupervisorStatistics",
+    "TrellisError",
+    "__version__",
+    "default_registry",
+    "finish",
+    "load_settings",
+    "open_run_supervisor",
+]

@@ -1,0 +1,87 @@
+"""The registry of agent kinds: ``agent.kind`` in a request picks one.
+
+A kind is a pydantic model for its spec (with a ``kind: Literal[...]`` field) and a factory
+that builds an :class:`~app.agents.base.Agent` from a validated spec. Embedders register
+their own kinds on a registry and hand it to the supervisor::
+
+    registry = default_registry()
+    registry.register("echo", EchoSpec, EchoAgent)
+    async with open_run_supervisor(settings, store, registry=registry) as supervisor: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from app.agents.base import Agent
+from app.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class AgentKind:
+    spec_model: type[BaseModel]
+    factory: Callable[[Any], Agent]
+
+
+class AgentRegistry:
+    """Maps ``agent.kind`` to its spec model and factory."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, AgentKind] = {}
+
+    def __repr__(self) -> str:
+        return f"<AgentRegistry kinds={sorted(self._kinds)}>"
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._kinds)
+
+    def register(
+        self, kind: str, spec_model: type[BaseModel], factory: Callable[[Any], Agent]
+    ) -> None:
+        """Add a kind. Errors: ``ValueError`` if ``kind`` is already registered."""
+        if kind in self._kinds:
+            raise ValueError(f"agent kind {kind!r} is already registered")
+        self._kinds[kind] = AgentKind(spec_model, factory)
+
+    def validate(self, spec: Mapping[str, Any], *, loc: tuple[str, ...] = ("agent",)) -> BaseModel:
+        """Validate a raw spec against its kind's model.
+
+        Errors:
+            :class:`~app.errors.InvalidInput` naming the field (``agent.kind`` for an
+            unknown kind, ``agent.steps.0.sleep`` for a bad step, …).
+        """
+        kind = spec.get("kind")
+        if not isinstance(kind, str) or kind not in self._kinds:
+            raise InvalidInput(
+                f"invalid input: {'.'.join(loc)}.kind must be one of {self.kinds}",
+                detail=[
+                    {
+                        "loc": [*loc, "kind"],
+                        "msg": f"unknown agent kind {kind!r}",
+                        "type": "unknown_agent_kind",
+                    }
+                ],
+            )
+        try:
+            return self._kinds[kind].spec_model.model_validate(spec)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation_error(exc, prefix=loc) from None
+
+    def create(self, spec: Mapping[str, Any]) -> Agent:
+        """Build an agent for one run from a stored (already validated) spec."""
+        validated = self.validate(spec)
+        return self._kinds[str(spec["kind"])].factory(validated)
+
+
+def default_registry() -> AgentRegistry:
+    """A registry with the built-in kinds (``script``)."""
+    from app.agents.script import ScriptAgent, ScriptSpec
+
+    registry = AgentRegistry()
+    registry.register("script", ScriptSpec, ScriptAgent)
+    return registry

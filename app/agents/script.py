@@ -1,0 +1,109 @@
+"""The ``script`` agent: deterministic steps from the request — for demos, tests, teaching.
+
+::
+
+    {"kind": "script", "steps": [{"say": "hi"}, {"sleep": 2.5}, {"fail": "boom"},
+                                 {"finish": "done"}]}
+
+Each script step is one step of the loop. ``say`` emits an agent message; ``sleep`` blocks
+the run thread (interruptible); ``fail`` raises inside the step (the run ends ``error``);
+``finish`` ends the run ``finished`` with its text as the agent's last message. A run that
+executes the last step finishes.
+
+Resuming: the index of the next step lives in the conversation's agent state, saved after
+each *completed* step. A new run continues where the previous run stopped; a step that was
+interrupted or failed was not completed, so it runs again. Once the script has finished, a
+new run starts it from the first step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+from app.agents.base import CONTINUE, StepContext, StepResult, finish
+from app.events import MessagePayload
+
+MAX_SLEEP_SECONDS = 86_400.0  # one day: longer is surely a typo in a script
+
+
+class ScriptFailure(Exception):
+    """Raised by a ``fail`` step."""
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SayStep(_Step):
+    say: str = Field(max_length=100_000)
+
+
+class SleepStep(_Step):
+    sleep: float = Field(ge=0, le=MAX_SLEEP_SECONDS)
+
+
+class FailStep(_Step):
+    fail: str = Field(max_length=10_000)
+
+
+class FinishStep(_Step):
+    finish: str = Field(max_length=100_000)
+
+
+_STEP_KEYS = ("say", "sleep", "fail", "finish")
+
+
+def _step_key(value: Any) -> str | None:
+    """The discriminator: which of the four keys a step has (None → a clear error)."""
+    if isinstance(value, dict):
+        keys = [key for key in _STEP_KEYS if key in value]
+        return keys[0] if len(keys) == 1 else None
+    return next((key for key in _STEP_KEYS if hasattr(value, key)), None)
+
+
+ScriptStep = Annotated[
+    Annotated[SayStep, Tag("say")]
+    | Annotated[SleepStep, Tag("sleep")]
+    | Annotated[FailStep, Tag("fail")]
+    | Annotated[FinishStep, Tag("finish")],
+    Discriminator(
+        _step_key,
+        custom_error_type="invalid_step",
+        custom_error_message="a step is an object with exactly one of: say, sleep, fail, finish",
+    ),
+]
+
+
+class ScriptSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["script"]
+    steps: list[ScriptStep] = Field(min_length=1, max_length=10_000)
+
+
+class ScriptAgent:
+    """Plays a :class:`ScriptSpec` one step per loop iteration."""
+
+    def __init__(self, spec: ScriptSpec) -> None:
+        self.steps = spec.steps
+
+    def step(self, ctx: StepContext) -> StepResult:
+        index = int(ctx.state.get("next_step", 0))
+        if index >= len(self.steps):  # the script was edited shorter: start over
+            index = 0
+        step = self.steps[index]
+        last = index + 1 == len(self.steps)
+        ctx.state["next_step"] = 0 if last else index + 1
+        match step:
+            case SayStep(say=text):
+                ctx.emit(MessagePayload(text=text))
+            case SleepStep(sleep=seconds):
+                ctx.sleep(seconds)
+            case FailStep(fail=message):
+                raise ScriptFailure(message)
+            case FinishStep(finish=text):
+                ctx.emit(MessagePayload(text=text))
+                ctx.state["next_step"] = 0
+                return finish(text)
+        return finish() if last else CONTINUE

@@ -1,0 +1,154 @@
+"""The run loop: what one run thread executes, from ``running`` to its final status.
+
+Ownership: :func:`run_conversation` runs in a worker thread started by the supervisor's run
+task with ``trio.to_thread.run_sync(..., abandon_on_cancel=False)``; the run task holds the
+run slot until this function has returned, so a slot is never free while its thread lives.
+The thread writes its own status changes and events to the store (blocking calls are fine
+here: this *is* the worker thread).
+
+Cancellation (cooperative — Python threads cannot be killed):
+
+* between steps the loop calls ``trio.from_thread.check_cancelled()``, which raises
+  :class:`trio.Cancelled` once the run task was cancelled (interrupt, shutdown, delete);
+* inside a step, blocking waits go through the Trio side (:meth:`RunContext.sleep`,
+  :meth:`RunContext.call_async`, :meth:`RunContext.run_tools`) and are cancelled with the
+  run task at once — that is how interrupt takes effect mid-step;
+* pause is not a cancellation: a flag read at the next step boundary.
+
+Whatever stops the run, the final status (``paused`` with the stop reason, ``finished``,
+or ``error``) is committed *by this thread before it returns*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from app.agents.base import Agent
+from app.agents.registry import AgentRegistry
+from app.events import ErrorPayload, Event, Payload, Source
+from app.lifecycle import Trigger
+from app.store.base import EventQuery, EventStore
+from app.tools.parallel import run_in_tool_threads
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class RunControl:
+    """What the Trio side tells a running loop: pause at the boundary, or stop why.
+
+    Written by the supervisor (Trio thread), read by the run thread. Plain attribute reads
+    and writes of these values are atomic under the GIL; the cancel itself travels through
+    the run task's cancel scope, not through this object.
+    """
+
+    pause_requested: bool = False
+    stop_reason: str | None = None
+    thread_started: bool = False  # set by the run thread; read after it returned
+
+
+@dataclass(eq=False)
+class RunContext:
+    """Implements :class:`~app.agents.base.StepContext` for one run."""
+
+    store: EventStore
+    conversation_id: str
+    run_id: str
+    agent_spec: dict[str, Any]
+    registry: AgentRegistry
+    max_iterations: int
+    tool_limiter: trio.CapacityLimiter
+    control: RunControl
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def history(self) -> list[Event]:
+        events: list[Event] = []
+        after = 0
+        while True:
+            page = self.store.search_events(
+                self.conversation_id, EventQuery(after_seq=after, limit=1000)
+            )
+            events.extend(page.items)
+            if page.next_seq is None:
+                return events
+            after = page.next_seq
+
+    def emit(self, payload: Payload, source: Source = Source.AGENT) -> Event:
+        return self.store.append_event(self.conversation_id, self.run_id, source, payload)
+
+    def sleep(self, seconds: float) -> None:
+        trio.from_thread.run(trio.sleep, seconds)
+
+    def call_async(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(afn, *args)
+
+    def run_tools(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        return trio.from_thread.run(run_in_tool_threads, calls, self.tool_limiter)
+
+    def check_cancelled(self) -> None:
+        trio.from_thread.check_cancelled()
+
+
+def run_conversation(ctx: RunContext) -> None:
+    """Drive the agent until it finishes, fails, pauses or is cancelled (run thread only).
+
+    Cancellation:
+        ``trio.Cancelled`` (or a group of them, from a nursery on the Trio side) is recorded
+        as ``paused`` with ``control.stop_reason`` and then re-raised to the run task.
+
+    Errors:
+        An ``Exception`` from the agent is recorded (``error`` event, status ``error``,
+        reason ``agent_error``) and not re-raised: one failing run never affects another.
+    """
+    store, run_id = ctx.store, ctx.run_id
+    ctx.control.thread_started = True
+    try:
+        ctx.check_cancelled()
+        store.transition_run(run_id, Trigger.START, reason="started")
+        ctx.state = store.get_agent_state(ctx.conversation_id)
+        _loop(ctx, ctx.registry.create(ctx.agent_spec))
+    except BaseException as exc:
+        if is_cancellation(exc):
+            store.transition_run(run_id, Trigger.STOP, reason=ctx.control.stop_reason or "shutdown")
+            raise
+        if not isinstance(exc, Exception):
+            raise
+        _fail(ctx, f"{exc}", type(exc).__name__, reason="agent_error")
+
+
+def _loop(ctx: RunContext, agent: Agent) -> None:
+    steps = 0
+    while True:
+        ctx.check_cancelled()
+        if ctx.control.pause_requested:
+            ctx.store.transition_run(ctx.run_id, Trigger.STOP, reason="pause")
+            return
+        if steps >= ctx.max_iterations:
+            message = f"the run reached max_iterations ({ctx.max_iterations} steps)"
+            _fail(ctx, message, "MaxIterationsReached", reason="max_iterations")
+            return
+        result = agent.step(ctx)
+        steps += 1
+        ctx.store.save_progress(ctx.run_id, steps=steps, agent_state=ctx.state)
+        if result.done:
+            ctx.store.transition_run(ctx.run_id, Trigger.FINISH, reason="agent_finished")
+            return
+
+
+def _fail(ctx: RunContext, message: str, error_type: str, *, reason: str) -> None:
+    ctx.emit(ErrorPayload(message=message, error_type=error_type), Source.SYSTEM)
+    ctx.store.transition_run(ctx.run_id, Trigger.FAIL, reason=reason, error=message)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True for ``trio.Cancelled`` and for exception groups made only of them."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return False

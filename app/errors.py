@@ -1,0 +1,124 @@
+"""The one exception tree of Trellis; every error knows its HTTP status and error code.
+
+::
+
+    TrellisError                      500 internal_error
+    ├── BadRequest                    400 bad_request       (malformed JSON, ...)
+    ├── NotFound                      404 not_found
+    ├── RequestTimeout                408 timeout           (a wait that ran out)
+    ├── Conflict                      409 conflict
+    │   ├── IllegalTransition         409 illegal_transition
+    │   ├── ConversationBusy          409 conversation_busy
+    │   └── IdempotencyKeyReused      409 idempotency_key_reused
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── InvalidInput                  422 validation_error
+    ├── RunQueueFull                  429 run_queue_full    (+ Retry-After)
+    └── ShuttingDown                  503 shutting_down
+
+The supervisor and the store raise these; the HTTP layer (``app/api/errors.py``) maps any of
+them to ``{"error": {"code", "message", "detail"}}`` with :attr:`TrellisError.status`.
+Embedders catch them like any exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+
+class TrellisError(Exception):
+    """Base class. ``message`` says what happened and what to check; ``detail`` is data."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers that belong with this error (e.g. ``Retry-After``)."""
+        return {}
+
+
+class BadRequest(TrellisError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(TrellisError):
+    status = 404
+    code = "not_found"
+
+
+class RequestTimeout(TrellisError):
+    status = 408
+    code = "timeout"
+
+
+class Conflict(TrellisError):
+    status = 409
+    code = "conflict"
+
+
+class IllegalTransition(Conflict):
+    """A status change the lifecycle table does not allow; nothing was changed."""
+
+    code = "illegal_transition"
+
+
+class ConversationBusy(Conflict):
+    code = "conversation_busy"
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+
+
+class PayloadTooLarge(TrellisError):
+    status = 413
+    code = "payload_too_large"
+
+
+class InvalidInput(TrellisError):
+    status = 422
+    code = "validation_error"
+
+    @classmethod
+    def from_validation_error(
+        cls, error: ValidationError, *, prefix: tuple[str | int, ...] = ()
+    ) -> InvalidInput:
+        """Turn pydantic's errors into one 422 whose message names every bad field."""
+        details = [
+            {
+                "loc": [*prefix, *item["loc"]],
+                "msg": item["msg"],
+                "type": item["type"],
+            }
+            for item in error.errors(include_url=False, include_input=False)
+        ]
+        fields = ", ".join(".".join(str(part) for part in d["loc"]) or "body" for d in details)
+        return cls(f"invalid input: {fields}", detail=details)
+
+
+class RunQueueFull(TrellisError):
+    """More runs are waiting for a run slot than ``max_queued_runs`` allows."""
+
+    status = 429
+    code = "run_queue_full"
+
+    def __init__(self, message: str, *, retry_after_seconds: int, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_seconds = retry_after_seconds
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class ShuttingDown(TrellisError):
+    """The supervisor is draining: it admits no new runs."""
+
+    status = 503
+    code = "shutting_down"

@@ -1,0 +1,79 @@
+"""Events: the append-only log of a conversation.
+
+An event is immutable once committed. ``seq`` numbers the events of one conversation 1, 2,
+3 … with no gaps; it is the cursor for search and (later) streams. ``payload`` is a
+discriminated union on ``kind``; ``Event.kind`` mirrors it so the store can index it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from app.lifecycle import Status
+
+
+class Source(enum.StrEnum):
+    USER = "user"
+    AGENT = "agent"
+    TOOL = "tool"
+    SYSTEM = "system"
+
+
+class MessagePayload(BaseModel):
+    """Text said by the user or the agent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["message"] = "message"
+    text: str
+
+
+class StatusPayload(BaseModel):
+    """A status change of the conversation (and of the run named by ``Event.run_id``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["status"] = "status"
+    status: Status
+    previous: Status
+    reason: str
+
+
+class ErrorPayload(BaseModel):
+    """Why a run ended in ``error``: the agent's exception or a limit that was reached."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["error"] = "error"
+    message: str
+    error_type: str
+
+
+Payload = Annotated[MessagePayload | StatusPayload | ErrorPayload, Field(discriminator="kind")]
+
+#: The ``kind`` values that exist, for validating search filters.
+EVENT_KINDS: tuple[str, ...] = ("message", "status", "error")
+
+
+class Event(BaseModel):
+    """One committed entry of a conversation's log."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    conversation_id: str
+    seq: int
+    run_id: str | None
+    timestamp: datetime
+    source: Source
+    payload: Payload
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def kind(self) -> str:
+        return self.payload.kind
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC (the only kind of timestamp Trellis stores)."""
+    return datetime.now(UTC)

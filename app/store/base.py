@@ -1,0 +1,103 @@
+"""The store protocol: what the supervisor, the run loop and the API need from storage.
+
+Every method is *blocking* and thread-safe. Callers on the Trio side run them in a worker
+thread on the I/O limiter; the run loop calls them directly from its own run thread.
+
+Ordering and durability: each write method is one transaction. An event is committed
+before the method returns it, so anything returned or published is already durable.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.events import EVENT_KINDS, Event, Payload, Source
+from app.lifecycle import Status, Trigger
+from app.records import ConversationRecord, RunRecord
+
+MAX_PAGE_SIZE = 1000
+
+
+class Order(enum.StrEnum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+class EventQuery(BaseModel):
+    """Filters shared by event search and count (``limit``/``order`` only matter to search)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str | None = Field(None, pattern="^(" + "|".join(EVENT_KINDS) + ")$")
+    source: Source | None = None
+    run_id: str | None = Field(None, max_length=64)
+    q: str | None = Field(None, min_length=1, max_length=256)
+    after_seq: int | None = Field(None, ge=0)
+    before_seq: int | None = Field(None, ge=1)
+    order: Order = Order.ASC
+    limit: int = Field(100, ge=1, le=MAX_PAGE_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    items: list[Event]
+    #: Pass back as ``after_seq`` (ascending) or ``before_seq`` (descending); None at the end.
+    next_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    items: list[ConversationRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewConversation:
+    """What ``create_conversation`` needs; ``request_hash`` guards idempotency keys."""
+
+    agent: dict[str, Any]
+    title: str | None
+    max_iterations: int
+    initial_message: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+class EventStore(Protocol):
+    def close(self) -> None: ...
+
+    # conversations
+    def create_conversation(self, new: NewConversation) -> tuple[ConversationRecord, bool]: ...
+    def get_conversation(self, conversation_id: str) -> ConversationRecord: ...
+    def list_conversations(
+        self, *, status: Status | None, limit: int, cursor: str | None
+    ) -> ConversationPage: ...
+    def delete_conversation(self, conversation_id: str) -> None: ...
+    def get_agent_state(self, conversation_id: str) -> dict[str, Any]: ...
+
+    # runs
+    def create_run(
+        self, conversation_id: str, *, run_id: str, activate: bool, reason: str
+    ) -> RunRecord: ...
+    def activate_run(self, run_id: str, *, reason: str) -> RunRecord: ...
+    def transition_run(
+        self, run_id: str, trigger: Trigger, *, reason: str, error: str | None = None
+    ) -> RunRecord: ...
+    def save_progress(self, run_id: str, *, steps: int, agent_state: dict[str, Any]) -> None: ...
+    def get_run(self, conversation_id: str, run_id: str) -> RunRecord: ...
+    def list_runs(
+        self, conversation_id: str, *, limit: int, after: int | None
+    ) -> tuple[list[RunRecord], int | None]: ...
+    def list_active_runs(self) -> list[RunRecord]: ...
+    def recover_interrupted(self, *, reason: str) -> list[str]: ...
+
+    # events
+    def append_event(
+        self, conversation_id: str, run_id: str | None, source: Source, payload: Payload
+    ) -> Event: ...
+    def search_events(self, conversation_id: str, query: EventQuery) -> EventPage: ...
+    def count_events(self, conversation_id: str, query: EventQuery) -> int: ...
+    def get_event(self, conversation_id: str, event_id: str) -> Event: ...

@@ -1,0 +1,92 @@
+"""The SQLite schema and the per-connection settings of the embedded store.
+
+Indexes are chosen for the queries the API makes at millions of events: every event query
+is scoped to one conversation and ordered by ``seq``, so each index starts with
+``(conversation_id, …)`` and ends with ``seq``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    n               INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order: the list cursor
+    id              TEXT NOT NULL UNIQUE,
+    title           TEXT,
+    status          TEXT NOT NULL,
+    agent           TEXT NOT NULL,                      -- JSON agent spec
+    agent_state     TEXT NOT NULL DEFAULT '{}',         -- JSON, owned by the agent kind
+    max_iterations  INTEGER NOT NULL,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    last_seq        INTEGER NOT NULL DEFAULT 0,         -- seq of the newest event = count
+    current_run_id  TEXT
+);
+CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations (status, n);
+
+CREATE TABLE IF NOT EXISTS runs (
+    n               INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order
+    id              TEXT NOT NULL UNIQUE,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    status          TEXT NOT NULL,
+    reason          TEXT,
+    queued_at       TEXT NOT NULL,
+    started_at      TEXT,
+    finished_at     TEXT,
+    steps           INTEGER NOT NULL DEFAULT 0,
+    error           TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_conversation ON runs (conversation_id, n);
+CREATE INDEX IF NOT EXISTS runs_active ON runs (status)
+    WHERE status IN ('queued', 'running', 'pausing');
+
+CREATE TABLE IF NOT EXISTS events (
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq             INTEGER NOT NULL,
+    id              TEXT NOT NULL UNIQUE,
+    run_id          TEXT,
+    timestamp       TEXT NOT NULL,
+    source          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    payload         TEXT NOT NULL,                      -- JSON, includes "kind"
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (conversation_id, kind, seq);
+CREATE INDEX IF NOT EXISTS events_by_source ON events (conversation_id, source, seq);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (conversation_id, run_id, seq);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key             TEXT PRIMARY KEY,
+    request_hash    TEXT NOT NULL,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    created_at      TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open a connection with the settings every connection needs.
+
+    ``synchronous`` is per connection (forgetting it on one connection cost 5x in our
+    measurements). ``NORMAL`` in WAL mode never loses a committed transaction when the
+    *process* dies (SIGKILL); only a power cut can lose the last few.
+    ``check_same_thread=False``: the store guarantees that a connection is used by one
+    thread at a time (the writer under its lock, readers one per thread); it also lets
+    ``close()`` close every connection from the closing thread.
+    """
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    return connection
+
+
+def initialize(connection: sqlite3.Connection) -> None:
+    """Switch the file to WAL (stored in the file) and create what is missing."""
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.executescript(SCHEMA)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

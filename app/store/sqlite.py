@@ -1,0 +1,419 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Threads and connections: all writes go through one writer connection under a
+``threading.Lock`` — writes are short (tens of microseconds with ``synchronous=NORMAL``), and
+an in-process lock queues writers fairly instead of letting SQLite's busy handler sleep and
+retry. Reads use one connection per thread (WAL readers are never blocked by the writer).
+Any thread may call any method: handlers call from I/O-limiter threads, runs from their own
+run thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from app.errors import IdempotencyKeyReused, NotFound
+from app.events import Event, MessagePayload, Payload, Source, StatusPayload, utc_now
+from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
+from app.records import ConversationRecord, RunRecord
+from app.store import queries
+from app.store.base import ConversationPage, EventPage, EventQuery, NewConversation
+from app.store.schema import connect, initialize
+
+_payload_adapter: TypeAdapter[Payload] = TypeAdapter(Payload)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class SqliteStore:
+    """The :class:`~app.store.base.EventStore` on one SQLite file (created if missing)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._all_connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._writer = self._open_connection()
+        initialize(self._writer)
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {self.path}>"
+
+    # -- connections -------------------------------------------------------------------
+
+    def _open_connection(self) -> sqlite3.Connection:
+        connection = connect(self.path)
+        with self._connections_lock:
+            self._all_connections.append(connection)
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._open_connection()
+        return connection
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot for several SELECTs."""
+        connection = self._reader()
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            connection.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the writer connection; rolled back if anything raises."""
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this store opened, from any thread."""
+        with self._write_lock, self._connections_lock:
+            for connection in self._all_connections:
+                connection.close()
+            self._all_connections.clear()
+
+    # -- conversations -----------------------------------------------------------------
+
+    def create_conversation(self, new: NewConversation) -> tuple[ConversationRecord, bool]:
+        """Create a conversation (and its first user message); ``False`` on a key replay.
+
+        Errors:
+            :class:`~app.errors.IdempotencyKeyReused` when the key was used for another body.
+        """
+        with self._write() as conn:
+            if new.idempotency_key is not None:
+                existing = queries.find_idempotency_key(conn, new.idempotency_key)
+                if existing is not None:
+                    if existing["request_hash"] != new.request_hash:
+                        raise IdempotencyKeyReused(
+                            "this Idempotency-Key was already used with a different request "
+                            "body; use a new key for a new conversation",
+                            detail={"idempotency_key": new.idempotency_key},
+                        )
+                    return self._conversation(conn, existing["conversation_id"]), False
+            conversation_id = _new_id()
+            now = utc_now().isoformat()
+            conn.execute(
+                "INSERT INTO conversations (id, title, status, agent, max_iterations,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id,
+                    new.title,
+                    Status.IDLE.value,
+                    json.dumps(new.agent),
+                    new.max_iterations,
+                    now,
+                    now,
+                ),
+            )
+            if new.idempotency_key is not None:
+                conn.execute(
+                    "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?)",
+                    (new.idempotency_key, new.request_hash, conversation_id, now),
+                )
+            if new.initial_message is not None:
+                message = MessagePayload(text=new.initial_message)
+                self._append(conn, conversation_id, None, Source.USER, message)
+            return self._conversation(conn, conversation_id), True
+
+    def get_conversation(self, conversation_id: str) -> ConversationRecord:
+        with self._read() as conn:
+            return self._conversation(conn, conversation_id)
+
+    def list_conversations(
+        self, *, status: Status | None, limit: int, cursor: str | None
+    ) -> ConversationPage:
+        """Newest first; ``cursor`` is the ``next_cursor`` of the previous page."""
+        with self._read() as conn:
+            rows = queries.list_conversations(conn, status, limit + 1, queries.parse_cursor(cursor))
+        items = [queries.conversation_from_row(row) for row in rows[:limit]]
+        next_cursor = str(rows[limit - 1]["n"]) if len(rows) > limit else None
+        return ConversationPage(items, next_cursor)
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Delete the conversation with its runs and events (the caller stopped its runs)."""
+        with self._write() as conn:
+            if (
+                conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
+                == 0
+            ):
+                raise _conversation_not_found(conversation_id)
+
+    def get_agent_state(self, conversation_id: str) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT agent_state FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+        if row is None:
+            raise _conversation_not_found(conversation_id)
+        state: dict[str, Any] = json.loads(row["agent_state"])
+        return state
+
+    def _conversation(self, conn: sqlite3.Connection, conversation_id: str) -> ConversationRecord:
+        row = queries.conversation_row(conn, conversation_id)
+        if row is None:
+            raise _conversation_not_found(conversation_id)
+        return queries.conversation_from_row(row)
+
+    # -- runs --------------------------------------------------------------------------
+
+    def create_run(
+        self, conversation_id: str, *, run_id: str, activate: bool, reason: str
+    ) -> RunRecord:
+        """Record a new ``queued`` run; with ``activate`` it becomes the conversation's run.
+
+        A run created behind an earlier active run of the same conversation is activated
+        later (:meth:`activate_run`), when that run has ended.
+        """
+        with self._write() as conn:
+            if queries.conversation_row(conn, conversation_id) is None:
+                raise _conversation_not_found(conversation_id)
+            conn.execute(
+                "INSERT INTO runs (id, conversation_id, status, queued_at) VALUES (?, ?, ?, ?)",
+                (run_id, conversation_id, Status.QUEUED.value, utc_now().isoformat()),
+            )
+            if activate:
+                self._activate(conn, conversation_id, run_id, reason)
+            return self._run(conn, run_id)
+
+    def activate_run(self, run_id: str, *, reason: str) -> RunRecord:
+        """Make a queued run its conversation's current run (conversation → ``queued``)."""
+        with self._write() as conn:
+            run = self._run(conn, run_id)
+            self._activate(conn, run.conversation_id, run_id, reason)
+            return run
+
+    def _activate(
+        self, conn: sqlite3.Connection, conversation_id: str, run_id: str, reason: str
+    ) -> None:
+        conversation = self._conversation(conn, conversation_id)
+        status = transition(conversation.status, Trigger.ENQUEUE)
+        conn.execute(
+            "UPDATE conversations SET current_run_id = ? WHERE id = ?", (run_id, conversation_id)
+        )
+        self._set_conversation_status(conn, conversation, run_id, status, reason)
+
+    def transition_run(
+        self, run_id: str, trigger: Trigger, *, reason: str, error: str | None = None
+    ) -> RunRecord:
+        """Apply ``trigger`` to the run, and to its conversation if it is the current run.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` — nothing is changed.
+        """
+        with self._write() as conn:
+            run = self._run(conn, run_id)
+            status = run_transition(run.status, trigger)
+            now = utc_now().isoformat()
+            conn.execute(
+                "UPDATE runs SET status = ?, reason = ?, error = COALESCE(?, error),"
+                " started_at = CASE WHEN ? THEN ? ELSE started_at END,"
+                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+                (
+                    status.value,
+                    reason,
+                    error,
+                    trigger is Trigger.START,
+                    now,
+                    status in TERMINAL,
+                    now,
+                    run_id,
+                ),
+            )
+            conversation = self._conversation(conn, run.conversation_id)
+            if conversation.run is not None and conversation.run.id == run_id:
+                new_status = transition(conversation.status, trigger)
+                self._set_conversation_status(conn, conversation, run_id, new_status, reason)
+            return self._run(conn, run_id)
+
+    def _set_conversation_status(
+        self,
+        conn: sqlite3.Connection,
+        conversation: ConversationRecord,
+        run_id: str,
+        status: Status,
+        reason: str,
+    ) -> None:
+        conn.execute(
+            "UPDATE conversations SET status = ? WHERE id = ?", (status.value, conversation.id)
+        )
+        payload = StatusPayload(status=status, previous=conversation.status, reason=reason)
+        self._append(conn, conversation.id, run_id, Source.SYSTEM, payload)
+
+    def save_progress(self, run_id: str, *, steps: int, agent_state: dict[str, Any]) -> None:
+        """Record a completed step: the run's step count and the agent's state, together."""
+        with self._write() as conn:
+            run = self._run(conn, run_id)
+            conn.execute("UPDATE runs SET steps = ? WHERE id = ?", (steps, run_id))
+            conn.execute(
+                "UPDATE conversations SET agent_state = ? WHERE id = ?",
+                (json.dumps(agent_state), run.conversation_id),
+            )
+
+    def get_run(self, conversation_id: str, run_id: str) -> RunRecord:
+        with self._read() as conn:
+            run = self._run(conn, run_id)
+        if run.conversation_id != conversation_id:
+            raise NotFound(f"no run {run_id} in conversation {conversation_id}")
+        return run
+
+    def list_runs(
+        self, conversation_id: str, *, limit: int, after: int | None
+    ) -> tuple[list[RunRecord], int | None]:
+        """Oldest first; the second value is the ``after`` cursor of the next page."""
+        with self._read() as conn:
+            self._conversation(conn, conversation_id)
+            rows = conn.execute(
+                "SELECT * FROM runs WHERE conversation_id = ? AND n > ? ORDER BY n LIMIT ?",
+                (conversation_id, after or 0, limit + 1),
+            ).fetchall()
+        items = [queries.run_from_row(row) for row in rows[:limit]]
+        return items, (rows[limit - 1]["n"] if len(rows) > limit else None)
+
+    def recover_interrupted(self, *, reason: str) -> list[str]:
+        """After a crash: stop every run left active; return the conversations it touched.
+
+        Their conversations become ``paused`` with ``reason`` and a status event; the caller
+        may re-queue them (``resume_on_start``).
+        """
+        active = tuple(status.value for status in ACTIVE)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, conversation_id FROM runs WHERE status IN (?, ?, ?) ORDER BY n",
+                active,
+            ).fetchall()
+        touched: dict[str, None] = {}
+        for row in rows:
+            self.transition_run(row["id"], Trigger.STOP, reason=reason)
+            touched[row["conversation_id"]] = None
+        return list(touched)
+
+    def list_active_runs(self) -> list[RunRecord]:
+        """Runs that are queued, running or pausing (any order)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM runs WHERE status IN ('queued', 'running', 'pausing')"
+            ).fetchall()
+        return [queries.run_from_row(row) for row in rows]
+
+    def _run(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no run with id {run_id}", detail={"run_id": run_id})
+        return queries.run_from_row(row)
+
+    # -- events ------------------------------------------------------------------------
+
+    def append_event(
+        self, conversation_id: str, run_id: str | None, source: Source, payload: Payload
+    ) -> Event:
+        """Commit one event and return it (with its ``seq``)."""
+        with self._write() as conn:
+            return self._append(conn, conversation_id, run_id, source, payload)
+
+    def _append(
+        self,
+        conn: sqlite3.Connection,
+        conversation_id: str,
+        run_id: str | None,
+        source: Source,
+        payload: Payload,
+    ) -> Event:
+        now = utc_now()
+        row = conn.execute(
+            "UPDATE conversations SET last_seq = last_seq + 1, updated_at = ? WHERE id = ?"
+            " RETURNING last_seq",
+            (now.isoformat(), conversation_id),
+        ).fetchone()
+        if row is None:
+            raise _conversation_not_found(conversation_id)
+        event = Event(
+            id=_new_id(),
+            conversation_id=conversation_id,
+            seq=row[0],
+            run_id=run_id,
+            timestamp=now,
+            source=source,
+            payload=payload,
+        )
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation_id,
+                event.seq,
+                event.id,
+                run_id,
+                now.isoformat(),
+                source.value,
+                payload.kind,
+                payload.model_dump_json(),
+            ),
+        )
+        return event
+
+    def search_events(self, conversation_id: str, query: EventQuery) -> EventPage:
+        with self._read() as conn:
+            self._conversation(conn, conversation_id)
+            rows = queries.search_events(conn, conversation_id, query)
+        items = [self._event_from_row(row) for row in rows[: query.limit]]
+        next_seq = items[-1].seq if len(rows) > query.limit else None
+        return EventPage(items, next_seq)
+
+    def count_events(self, conversation_id: str, query: EventQuery) -> int:
+        with self._read() as conn:
+            self._conversation(conn, conversation_id)
+            return queries.count_events(conn, conversation_id, query)
+
+    def get_event(self, conversation_id: str, event_id: str) -> Event:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT * FROM events WHERE id = ? AND conversation_id = ?",
+                (event_id, conversation_id),
+            ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"no event {event_id} in conversation {conversation_id}",
+                detail={"event_id": event_id},
+            )
+        return self._event_from_row(row)
+
+    @staticmethod
+    def _event_from_row(row: sqlite3.Row) -> Event:
+        return Event(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            seq=row["seq"],
+            run_id=row["run_id"],
+            timestamp=row["timestamp"],
+            source=row["source"],
+            payload=_payload_adapter.validate_json(row["payload"]),
+        )
+
+
+def _conversation_not_found(conversation_id: str) -> NotFound:
+    return NotFound(
+        f"no conversation with id {conversation_id}", detail={"conversation_id": conversation_id}
+    )

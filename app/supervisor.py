@@ -1,0 +1,446 @@
+"""The run supervisor: admits runs, queues them fairly, runs them in threads, stops them.
+
+Think of the run slots as a sofa with ``max_concurrent_runs`` seats (a
+:class:`trio.CapacityLimiter`): a run sits down before its thread starts and stands up only
+after its thread has returned. Runs that find the sofa full wait in a FIFO line whose order
+is the order they will sit down — that order is their ``queue_position``.
+
+Ownership::
+
+    RunSupervisor.serve()            one nursery for every run task; lives as long as the
+    └── _run_task(handle)            app (or the ``open_run_supervisor`` block)
+        └── to_thread: run_conversation(ctx)      the run thread, one per running run
+            └── to_thread (tool limiter): tool calls
+
+Three limiters, never shared: ``run_limiter`` (run slots), ``io_limiter`` (short store calls
+made for HTTP handlers, via :meth:`io`) and ``tool_limiter`` (tool calls inside runs).
+Nothing here runs on Trio's default thread limiter.
+
+Cancellation:
+    Every run task has its own cancel scope (``handle.cancel_scope``). Interrupt, delete and
+    drain cancel it; a queued run then leaves the line without starting a thread, a running
+    one stops at its next cancellation point (see ``app/conversation.py``). The run slot is
+    released only after the thread has returned. :meth:`drain` returns once every thread has
+    returned and every final status is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from app.agents.registry import AgentRegistry, default_registry
+from app.conversation import RunContext, run_conversation
+from app.errors import (
+    ConversationBusy,
+    IllegalTransition,
+    NotFound,
+    RunQueueFull,
+    ShuttingDown,
+)
+from app.handles import IfBusy, RunHandle, SupervisorStatistics
+from app.lifecycle import Trigger
+from app.records import RunRecord
+from app.settings import Settings
+from app.store.base import EventStore
+
+T = TypeVar("T")
+log = logging.getLogger("trellis.supervisor")
+
+#: How long ``interrupt`` waits for the stopped runs before answering. Built-in steps stop
+#: within milliseconds; a custom step that blocks without a cancellation point is reported
+#: as still running rather than holding the HTTP request hostage.
+INTERRUPT_JOIN_SECONDS = 1.0
+
+
+class RunSupervisor:
+    """Owns every run. Create it with :func:`open_run_supervisor` (or ``await nursery.start(
+    supervisor.serve)``); all methods are called from the Trio thread."""
+
+    def __init__(
+        self, settings: Settings, store: EventStore, registry: AgentRegistry | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry or default_registry()
+        self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
+        self.io_limiter = trio.CapacityLimiter(settings.io_threads)
+        self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
+        # Admission is decided by run_limiter, whose token the run task holds. to_thread
+        # still needs *a* limiter and must not use Trio's default one: this unbounded one
+        # only counts run threads that are alive.
+        self._run_threads = trio.CapacityLimiter(math.inf)
+        self.max_queued_runs = settings.max_queued_runs
+        self._active: dict[str, RunHandle] = {}  # run_id → handle, in admission order
+        self._waiting_for_slot: dict[str, RunHandle] = {}  # FIFO: the sofa's waiting line
+        self._by_conversation: dict[str, list[RunHandle]] = {}  # oldest first
+        self._deleting: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._draining = False
+        self._closing = trio.Event()
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<RunSupervisor runs {s.running}/{s.max_concurrent_runs} running, {s.queued} queued"
+            f" | io {s.io_borrowed}/{s.io_total} | tools {s.tool_borrowed}/{s.tool_total}"
+            f"{' | draining' if s.draining else ''}>"
+        )
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[RunSupervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Recover from a crash, then own the run nursery until :meth:`aclose`.
+
+        For ``nursery.start``: reports started once runs can be admitted.
+        """
+        touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if touched:
+                log.warning("crash recovery: %d conversation(s) paused", len(touched))
+            if self.settings.resume_on_start:
+                for conversation_id in touched:
+                    await self.start_run(
+                        conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
+                    )
+            task_status.started(self)
+            await self._closing.wait()
+
+    async def aclose(self, reason: str = "shutdown") -> None:
+        """Drain, then let :meth:`serve` return. Idempotent."""
+        await self.drain(reason)
+        self._closing.set()
+
+    async def drain(self, reason: str = "shutdown") -> None:
+        """Refuse new runs, stop every queued and running run, wait for all of them.
+
+        Returns when every run thread has returned and every final status (``paused`` with
+        ``reason``) is committed.
+        """
+        self._draining = True
+        handles = list(self._active.values())
+        for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
+            handle.stop(reason)
+        for handle in handles:
+            await handle.done.wait()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- I/O door for handlers -------------------------------------------------------------
+
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a short blocking call (a store call) in a thread on the I/O limiter."""
+        if kwargs:
+            return await trio.to_thread.run_sync(
+                lambda: fn(*args, **kwargs), limiter=self.io_limiter
+            )
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+
+    # -- admission -----------------------------------------------------------------------
+
+    async def start_run(
+        self, conversation_id: str, *, if_busy: IfBusy = IfBusy.REJECT, reason: str = "user"
+    ) -> RunRecord:
+        """Admit a run of the conversation and return its record (status ``queued``).
+
+        Errors:
+            :class:`~app.errors.NotFound`; :class:`~app.errors.ConversationBusy` (``reject``
+            while a run is active); :class:`~app.errors.RunQueueFull`;
+            :class:`~app.errors.ShuttingDown`.
+        """
+        conversation = await self.io(self.store.get_conversation, conversation_id)
+        # From here to the store write, no checkpoint: the checks and the registration of
+        # the handle happen atomically with respect to other requests.
+        self._check_admission(conversation_id)
+        runs = self._by_conversation.get(conversation_id, [])
+        if runs and if_busy is IfBusy.REJECT:
+            raise ConversationBusy(
+                "the conversation already has an active run; pass if_busy=enqueue to run "
+                "after it or if_busy=interrupt to replace it",
+                detail={"run_id": runs[-1].run_id},
+            )
+        if if_busy is IfBusy.INTERRUPT:
+            for earlier in runs:
+                earlier.stop("interrupt")
+        handle = RunHandle(str(uuid.uuid4()), conversation_id, previous=runs[-1] if runs else None)
+        self._register(handle)
+        # Shielded: once the run is recorded, its task must start, or the record would be
+        # left queued with nobody to run it.
+        with trio.CancelScope(shield=True):
+            try:
+                record = await self.io(
+                    self.store.create_run,
+                    conversation_id,
+                    run_id=handle.run_id,
+                    activate=handle.previous is None,
+                    reason=reason,
+                )
+            except BaseException:
+                self._unregister(handle)
+                raise
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self._run_task, handle, conversation.agent, conversation.max_iterations
+        )
+        return self.with_position(record)
+
+    def _check_admission(self, conversation_id: str) -> None:
+        if self._draining or self._nursery is None:
+            raise ShuttingDown("the server is shutting down and admits no new runs")
+        if conversation_id in self._deleting:
+            raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
+        queued = len(self._active) - self._running_count()
+        if queued >= self.max_queued_runs:
+            raise RunQueueFull(
+                f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
+                " retry later or raise the limit with PATCH /api/server/limits",
+                retry_after_seconds=self.settings.queue_full_retry_after_seconds,
+                detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
+            )
+
+    def _register(self, handle: RunHandle) -> None:
+        self._active[handle.run_id] = handle
+        self._by_conversation.setdefault(handle.conversation_id, []).append(handle)
+
+    def _unregister(self, handle: RunHandle) -> None:
+        del self._active[handle.run_id]
+        runs = self._by_conversation[handle.conversation_id]
+        runs.remove(handle)
+        if not runs:
+            del self._by_conversation[handle.conversation_id]
+        handle.done.set()
+
+    def _running_count(self) -> int:
+        return sum(1 for handle in self._active.values() if handle.holds_slot)
+
+    # -- the run task --------------------------------------------------------------------
+
+    async def _run_task(
+        self, handle: RunHandle, agent_spec: dict[str, Any], max_iterations: int
+    ) -> None:
+        """Wait for the conversation, then for a slot, then run the thread; always record.
+
+        Catches ``Exception`` (logged and recorded on the run) so that one failing run
+        never cancels its siblings; ``trio.Cancelled`` from outside propagates after the
+        final status is written.
+        """
+        ctx = RunContext(
+            store=self.store,
+            conversation_id=handle.conversation_id,
+            run_id=handle.run_id,
+            agent_spec=agent_spec,
+            registry=self.registry,
+            max_iterations=max_iterations,
+            tool_limiter=self.tool_limiter,
+            control=handle.control,
+        )
+        try:
+            with handle.cancel_scope:
+                await self._wait_for_turn(handle)
+                await self._run_in_slot(handle, ctx)
+        except Exception:
+            log.exception("run %s failed outside its agent", handle.run_id)
+            await self._record_end(handle, Trigger.FAIL, "internal_error")
+        finally:
+            if not handle.control.thread_started:
+                await self._record_end(
+                    handle, Trigger.STOP, handle.control.stop_reason or "shutdown"
+                )
+            self._unregister(handle)
+
+    async def _wait_for_turn(self, handle: RunHandle) -> None:
+        if handle.previous is not None:
+            await handle.previous.done.wait()
+            await self.io(self.store.activate_run, handle.run_id, reason="enqueued_run")
+        self._waiting_for_slot[handle.run_id] = handle
+        try:
+            await self.run_limiter.acquire_on_behalf_of(handle)
+        finally:
+            del self._waiting_for_slot[handle.run_id]
+
+    async def _run_in_slot(self, handle: RunHandle, ctx: RunContext) -> None:
+        handle.holds_slot = True
+        try:
+            await trio.to_thread.run_sync(
+                run_conversation, ctx, limiter=self._run_threads, abandon_on_cancel=False
+            )
+        finally:
+            handle.holds_slot = False
+            self.run_limiter.release_on_behalf_of(handle)
+
+    async def _record_end(self, handle: RunHandle, trigger: Trigger, reason: str) -> None:
+        # IllegalTransition: already ended (the thread recorded it); NotFound: deleted.
+        with trio.CancelScope(shield=True), contextlib.suppress(IllegalTransition, NotFound):
+            await self.io(self.store.transition_run, handle.run_id, trigger, reason=reason)
+
+    # -- control -------------------------------------------------------------------------
+
+    async def pause(self, conversation_id: str) -> RunRecord:
+        """Stop the conversation's run at its next step boundary (``pausing`` until then).
+
+        A run that has no slot yet stops at once, as do runs enqueued behind it.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        current, *later = self._runs_of(conversation_id, action="pause")
+        for handle in later:
+            handle.stop("pause")
+        current.control.pause_requested = True
+        if not current.holds_slot:
+            current.stop("pause")
+        else:
+            # IllegalTransition: its thread has not recorded "running" yet (it will see the
+            # flag at its first boundary), or the run has just ended.
+            with contextlib.suppress(IllegalTransition):
+                await self.io(
+                    self.store.transition_run, current.run_id, Trigger.REQUEST_PAUSE, reason="pause"
+                )
+        return await self.get_run(conversation_id, current.run_id)
+
+    async def interrupt(self, conversation_id: str) -> RunRecord:
+        """Stop every active run of the conversation now, even mid-step; wait briefly.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        handles = self._runs_of(conversation_id, action="interrupt")
+        for handle in handles:
+            handle.stop("interrupt")
+        with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
+            for handle in handles:
+                await handle.done.wait()
+        return await self.get_run(conversation_id, handles[0].run_id)
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        """Stop the conversation's runs (reason ``deleted``), wait for them, delete it all."""
+        await self.io(self.store.get_conversation, conversation_id)
+        self._deleting.add(conversation_id)
+        try:
+            handles = list(self._by_conversation.get(conversation_id, []))
+            for handle in handles:
+                handle.stop("deleted")
+            for handle in handles:
+                await handle.done.wait()
+            await self.io(self.store.delete_conversation, conversation_id)
+        finally:
+            self._deleting.discard(conversation_id)
+
+    async def wait_run(
+        self, conversation_id: str, run_id: str, timeout_seconds: float
+    ) -> RunRecord | None:
+        """The run's record once it has ended, or ``None`` if ``timeout_seconds`` passed."""
+        handle = self._active.get(run_id)
+        if handle is not None and handle.conversation_id == conversation_id:
+            with trio.move_on_after(timeout_seconds):
+                await handle.done.wait()
+            if not handle.done.is_set():
+                return None
+        record = await self.get_run(conversation_id, run_id)
+        return record if record.status.value in ("paused", "finished", "error") else None
+
+    def _runs_of(self, conversation_id: str, *, action: str) -> list[RunHandle]:
+        runs = self._by_conversation.get(conversation_id)
+        if not runs:
+            raise IllegalTransition(
+                f"cannot {action}: the conversation has no queued or running run",
+                detail={"conversation_id": conversation_id},
+            )
+        return list(runs)
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def get_run(self, conversation_id: str, run_id: str) -> RunRecord:
+        return self.with_position(await self.io(self.store.get_run, conversation_id, run_id))
+
+    def queue_position(self, run_id: str) -> int | None:
+        """1-based place in the line for a run slot (= the order runs will start)."""
+        for position, waiting_id in enumerate(self._waiting_for_slot, start=1):
+            if waiting_id == run_id:
+                return position
+        return None
+
+    def with_position(self, record: RunRecord) -> RunRecord:
+        """``record`` with its live ``queue_position`` filled in."""
+        if record.id not in self._waiting_for_slot:
+            return record
+        return record.model_copy(update={"queue_position": self.queue_position(record.id)})
+
+    def active_run_order(self) -> list[tuple[str, int | None]]:
+        """Active run ids: running first, then the slot line in order, then runs waiting
+        for their conversation; each with its queue position."""
+        running: list[tuple[str, int | None]] = [
+            (run_id, None) for run_id, h in self._active.items() if h.holds_slot
+        ]
+        line: list[tuple[str, int | None]] = [
+            (run_id, n) for n, run_id in enumerate(self._waiting_for_slot, start=1)
+        ]
+        behind: list[tuple[str, int | None]] = [
+            (run_id, None)
+            for run_id, h in self._active.items()
+            if not h.holds_slot and run_id not in self._waiting_for_slot
+        ]
+        return running + line + behind
+
+    # -- limits and statistics -----------------------------------------------------------
+
+    def set_limits(
+        self, *, max_concurrent_runs: int | None = None, max_queued_runs: int | None = None
+    ) -> None:
+        """Change limits at runtime. Raising run slots starts waiting runs at once; lowering
+        them preempts nobody; 0 pauses admission. Lowering ``max_queued_runs`` refuses new
+        runs only."""
+        if max_concurrent_runs is not None:
+            self.run_limiter.total_tokens = max_concurrent_runs
+        if max_queued_runs is not None:
+            self.max_queued_runs = max_queued_runs
+
+    def statistics(self) -> SupervisorStatistics:
+        running = self._running_count()
+        io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()
+        return SupervisorStatistics(
+            running=running,
+            queued=len(self._active) - running,
+            waiting_for_slot=len(self._waiting_for_slot),
+            run_threads_alive=self._run_threads.borrowed_tokens,
+            max_concurrent_runs=int(self.run_limiter.total_tokens),
+            max_queued_runs=self.max_queued_runs,
+            io_borrowed=io.borrowed_tokens,
+            io_total=int(io.total_tokens),
+            io_waiting=io.tasks_waiting,
+            tool_borrowed=tool.borrowed_tokens,
+            tool_total=int(tool.total_tokens),
+            tool_waiting=tool.tasks_waiting,
+            draining=self._draining,
+        )
+
+
+@asynccontextmanager
+async def open_run_supervisor(
+    settings: Settings, store: EventStore, *, registry: AgentRegistry | None = None
+) -> AsyncIterator[RunSupervisor]:
+    """Run a :class:`RunSupervisor` for the duration of the block, in any Trio program.
+
+    On exit (normal, error or cancellation) every run is stopped with reason ``shutdown``
+    and joined: no run thread outlives the block.
+    """
+    supervisor = RunSupervisor(settings, store, registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.serve)
+        try:
+            yield supervisor
+        finally:
+            with trio.CancelScope(shield=True):
+                await supervisor.aclose()
