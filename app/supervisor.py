@@ -49,6 +49,7 @@ from app.handles import IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.records import RunRecord
 from app.settings import Settings
+from app.slot_line import SlotLine
 from app.store.base import EventStore
 
 T = TypeVar("T")
@@ -79,7 +80,7 @@ class RunSupervisor:
         self._run_threads = trio.CapacityLimiter(math.inf)
         self.max_queued_runs = settings.max_queued_runs
         self._active: dict[str, RunHandle] = {}  # run_id → handle, in admission order
-        self._waiting_for_slot: dict[str, RunHandle] = {}  # FIFO: the sofa's waiting line
+        self._waiting_for_slot = SlotLine(self.run_limiter)  # FIFO: the sofa's waiting line
         self._by_conversation: dict[str, list[RunHandle]] = {}  # oldest first
         self._deleting: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -176,6 +177,8 @@ class RunSupervisor:
                 earlier.stop("interrupt")
         handle = RunHandle(str(uuid.uuid4()), conversation_id, previous=runs[-1] if runs else None)
         self._register(handle)
+        if handle.previous is None:
+            self._waiting_for_slot.join(handle.run_id)
         # Shielded: once the run is recorded, its task must start, or the record would be
         # left queued with nobody to run it.
         with trio.CancelScope(shield=True):
@@ -215,6 +218,7 @@ class RunSupervisor:
         self._by_conversation.setdefault(handle.conversation_id, []).append(handle)
 
     def _unregister(self, handle: RunHandle) -> None:
+        self._waiting_for_slot.leave(handle.run_id)
         del self._active[handle.run_id]
         runs = self._by_conversation[handle.conversation_id]
         runs.remove(handle)
@@ -264,11 +268,8 @@ class RunSupervisor:
         if handle.previous is not None:
             await handle.previous.done.wait()
             await self.io(self.store.activate_run, handle.run_id, reason="enqueued_run")
-        self._waiting_for_slot[handle.run_id] = handle
-        try:
-            await self.run_limiter.acquire_on_behalf_of(handle)
-        finally:
-            del self._waiting_for_slot[handle.run_id]
+            self._waiting_for_slot.join(handle.run_id)
+        await self._waiting_for_slot.wait_for_slot(handle.run_id, borrower=handle)
 
     async def _run_in_slot(self, handle: RunHandle, ctx: RunContext) -> None:
         handle.holds_slot = True
@@ -367,10 +368,7 @@ class RunSupervisor:
 
     def queue_position(self, run_id: str) -> int | None:
         """1-based place in the line for a run slot (= the order runs will start)."""
-        for position, waiting_id in enumerate(self._waiting_for_slot, start=1):
-            if waiting_id == run_id:
-                return position
-        return None
+        return self._waiting_for_slot.position(run_id)
 
     def with_position(self, record: RunRecord) -> RunRecord:
         """``record`` with its live ``queue_position`` filled in."""
