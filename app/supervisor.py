@@ -164,14 +164,8 @@ class RunSupervisor:
         conversation = await self.io(self.store.get_conversation, conversation_id)
         # From here to the store write, no checkpoint: the checks and the registration of
         # the handle happen atomically with respect to other requests.
-        self._check_admission(conversation_id)
+        self.check_admission(conversation_id, if_busy=if_busy)
         runs = self._by_conversation.get(conversation_id, [])
-        if runs and if_busy is IfBusy.REJECT:
-            raise ConversationBusy(
-                "the conversation already has an active run; pass if_busy=enqueue to run "
-                "after it or if_busy=interrupt to replace it",
-                detail={"run_id": runs[-1].run_id},
-            )
         if if_busy is IfBusy.INTERRUPT:
             for earlier in runs:
                 earlier.stop("interrupt")
@@ -199,11 +193,27 @@ class RunSupervisor:
         )
         return self.with_position(record)
 
-    def _check_admission(self, conversation_id: str) -> None:
+    def check_admission(
+        self, conversation_id: str | None = None, *, if_busy: IfBusy = IfBusy.ENQUEUE
+    ) -> None:
+        """Raise the error :meth:`start_run` would raise now, without starting anything.
+
+        Errors:
+            :class:`~app.errors.ShuttingDown`, :class:`~app.errors.NotFound` (being
+            deleted), :class:`~app.errors.ConversationBusy` (``if_busy=reject`` and a run is
+            active), :class:`~app.errors.RunQueueFull`.
+        """
         if self._draining or self._nursery is None:
             raise ShuttingDown("the server is shutting down and admits no new runs")
         if conversation_id in self._deleting:
             raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
+        runs = self._by_conversation.get(conversation_id or "")
+        if runs and if_busy is IfBusy.REJECT:
+            raise ConversationBusy(
+                "the conversation already has an active run; pass if_busy=enqueue to run "
+                "after it or if_busy=interrupt to replace it",
+                detail={"run_id": runs[-1].run_id},
+            )
         queued = len(self._active) - self._running_count()
         if queued >= self.max_queued_runs:
             raise RunQueueFull(
@@ -376,21 +386,18 @@ class RunSupervisor:
             return record
         return record.model_copy(update={"queue_position": self.queue_position(record.id)})
 
-    def active_run_order(self) -> list[tuple[str, int | None]]:
-        """Active run ids: running first, then the slot line in order, then runs waiting
-        for their conversation; each with its queue position."""
-        running: list[tuple[str, int | None]] = [
-            (run_id, None) for run_id, h in self._active.items() if h.holds_slot
-        ]
-        line: list[tuple[str, int | None]] = [
-            (run_id, n) for n, run_id in enumerate(self._waiting_for_slot, start=1)
-        ]
-        behind: list[tuple[str, int | None]] = [
-            (run_id, None)
+    def active_runs(self) -> list[tuple[str, bool, int | None]]:
+        """``(run_id, holds_slot, queue_position)`` of every active run: those holding a slot
+        first, then the slot line in start order, then runs waiting for their conversation."""
+        holding = [(run_id, True, None) for run_id, h in self._active.items() if h.holds_slot]
+        line = [(run_id, False, n) for n, run_id in enumerate(self._waiting_for_slot, start=1)]
+        behind = [
+            (run_id, False, None)
             for run_id, h in self._active.items()
             if not h.holds_slot and run_id not in self._waiting_for_slot
         ]
-        return running + line + behind
+        result: list[tuple[str, bool, int | None]] = [*holding, *line, *behind]
+        return result
 
     # -- limits and statistics -----------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""Request parsing and JSON responses shared by every blueprint.
+
+Every input goes through a pydantic model: a body that is not JSON is a 400, a body or
+query that does not fit its model is a 422 naming the field. Nothing is changed before the
+whole input has been validated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import pydantic_core
+from pydantic import BaseModel, ValidationError
+from quart import Response, current_app, request
+
+from app.errors import BadRequest, InvalidInput
+from app.supervisor import RunSupervisor
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def supervisor() -> RunSupervisor:
+    """The supervisor of the app serving the current request."""
+    sup: RunSupervisor = current_app.extensions["trellis.supervisor"]
+    return sup
+
+
+async def read_json_object(*, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; ``{}`` for an empty body when ``optional``.
+
+    Errors: :class:`BadRequest` for malformed JSON or a non-object; 413 (from Quart) for a
+    body larger than ``max_request_bytes``.
+    """
+    raw = await request.get_data(as_text=False)
+    if not raw.strip():
+        if optional:
+            return {}
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+async def parse_body(model: type[M], *, optional: bool = False) -> tuple[M, dict[str, Any]]:
+    """Validate the JSON body against ``model``; returns the model and the raw object."""
+    raw = await read_json_object(optional=optional)
+    return validate(model, raw, loc="body"), raw
+
+
+def parse_query(model: type[M]) -> M:
+    """Validate the query string against ``model`` (a repeated parameter is an error)."""
+    args: dict[str, Any] = {}
+    for key in request.args:
+        values = request.args.getlist(key)
+        if len(values) > 1:
+            raise InvalidInput(
+                f"invalid input: query.{key} given more than once",
+                detail=[{"loc": ["query", key], "msg": "given more than once", "type": "repeated"}],
+            )
+        args[key] = values[0]
+    return validate(model, args, loc="query")
+
+
+def validate(model: type[M], data: dict[str, Any], *, loc: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput.from_validation_error(exc, prefix=(loc,)) from None
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialize models, datetimes and enums (anywhere in ``data``) to a JSON response."""
+    return Response(
+        pydantic_core.to_json(data),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
