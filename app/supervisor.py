@@ -135,6 +135,17 @@ class RunSupervisor:
         for handle in handles:
             await handle.done.wait()
 
+    async def record_unfinished(self, reason: str) -> int:
+        """Last resort after a drain that timed out: record every run whose thread is still
+        alive as stopped (``paused``, ``reason``). Returns how many there were.
+
+        The threads themselves cannot be stopped; the caller is about to exit the process.
+        """
+        unfinished = [handle for handle in self._active.values() if not handle.done.is_set()]
+        for handle in unfinished:
+            await self._record_end(handle, Trigger.STOP, reason)
+        return len(unfinished)
+
     @property
     def draining(self) -> bool:
         return self._draining

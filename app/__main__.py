@@ -1,0 +1,7 @@
+"""``python -m app``: the command line (see ``app/cli.py``)."""
+
+import sys
+
+from app.cli import main
+
+sys.exit(main())
