@@ -76,7 +76,7 @@ async def get_conversation(conversation_id: str) -> Response:
 @blueprint.delete("/<conversation_id>")
 async def delete_conversation(conversation_id: str) -> Response:
     await supervisor().delete_conversation(conversation_id)
-    return Response(status=204)
+    return Response(b"", status=204)
 
 
 @blueprint.post("/<conversation_id>/messages")
