@@ -1,0 +1,162 @@
+"""The real process: ``python -m app serve`` with SIGTERM and SIGKILL, then restarts.
+
+These start subprocesses on 127.0.0.1 port 0 and take a few seconds each: marked slow,
+and run by ``make test`` like every other test.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import script
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+START_TIMEOUT_SECONDS = 15.0  # generous: a cold interpreter on a busy 2-core CI machine
+SHUTDOWN_GRACE_SECONDS = 10.0  # the default of shutdown_grace_seconds
+
+
+class Server:
+    """One ``python -m app serve`` subprocess and an httpx client pointed at it."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
+        command = [sys.executable, "-m", "app", "serve", "--port", "0", "--data-dir", str(data_dir)]
+        self.process = subprocess.Popen(
+            [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.url = self._read_url()
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def _read_url(self) -> str:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT_SECONDS)
+        line = self.process.stdout.readline() if ready else ""
+        if not line.startswith("trellis: serving on "):
+            self.process.kill()
+            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+        return line.split()[-1]
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.client.request(method, path, **kwargs)
+        assert response.status_code < 400, response.text
+        return response.json()
+
+    def wait_until_running(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.json("GET", "/api/server")["statistics"]["running"] < count:
+            assert time.monotonic() < deadline, "runs did not start"
+            time.sleep(0.01)
+
+    def stop(self, signum: signal.Signals) -> tuple[int, float, str]:
+        """Send ``signum``; return exit code, seconds to exit, and stderr."""
+        self.client.close()
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+        elapsed = time.monotonic() - started
+        assert self.process.stderr is not None
+        return code, elapsed, self.process.stderr.read()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Every server a test starts is gone when it ends, whatever happened."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.client.close()
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+        for stream in (server.process.stdout, server.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def start_conversations(server: Server, count: int) -> list[str]:
+    agent = script({"say": "started"}, {"sleep": 60}, {"finish": "never"})
+    return [
+        server.json("POST", "/api/conversations", json={"agent": agent, "run": True})["id"]
+        for _ in range(count)
+    ]
+
+
+def events_of(server: Server, conversation_id: str) -> list[dict[str, Any]]:
+    return server.json("GET", f"/api/conversations/{conversation_id}/events?limit=1000")["items"]  # type: ignore[no-any-return]
+
+
+def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """SIGTERM with running and queued runs: exit 0 fast, all paused/shutdown, nothing lost."""
+    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "3"))
+    ids = start_conversations(server, 5)
+    server.wait_until_running(3)
+    assert server.json("GET", "/api/server")["statistics"]["queued"] == 2
+    before = {cid: events_of(server, cid) for cid in ids}
+
+    code, elapsed, stderr = server.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert elapsed < SHUTDOWN_GRACE_SECONDS + 1
+    assert "Traceback" not in stderr
+
+    servers.append(restarted := Server(tmp_path))
+    for cid in ids:
+        conversation = restarted.json("GET", f"/api/conversations/{cid}")
+        assert (conversation["status"], conversation["run"]["reason"]) == ("paused", "shutdown")
+        after = events_of(restarted, cid)
+        assert after[: len(before[cid])] == before[cid]
+        assert [e["payload"]["reason"] for e in after if e["kind"] == "status"][-1] == "shutdown"
+        assert all(e["payload"].get("reason") != "crash_recovery" for e in after)
+    assert restarted.stop(signal.SIGTERM)[0] == 0
+
+
+def test_sigkill_then_restart_recovers_as_paused_without_losing_events(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """After SIGKILL, a restart finds every committed event and pauses the orphaned runs."""
+    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "2"))
+    ids = start_conversations(server, 3)
+    server.wait_until_running(2)
+    before = {cid: events_of(server, cid) for cid in ids}
+    assert server.stop(signal.SIGKILL)[0] == -signal.SIGKILL
+
+    servers.append(restarted := Server(tmp_path))
+    for cid in ids:
+        conversation = restarted.json("GET", f"/api/conversations/{cid}")
+        assert conversation["status"] == "paused"
+        assert conversation["run"]["reason"] == "crash_recovery"
+        after = events_of(restarted, cid)
+        assert after[: len(before[cid])] == before[cid]
+        last_status = [e["payload"]["status"] for e in before[cid] if e["kind"] == "status"][-1]
+        assert after[-1]["payload"] == {
+            "kind": "status",
+            "status": "paused",
+            "previous": last_status,
+            "reason": "crash_recovery",
+        }
+    restarted.stop(signal.SIGTERM)
+
+
+def test_bad_setting_stops_start_up_with_a_message(tmp_path: Path) -> None:
+    """A bad flag value exits with code 2 and names the setting."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--data-dir", str(tmp_path), "--io-threads", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "io_threads" in result.stderr
