@@ -15,13 +15,14 @@ from app.agents import (
     finish,
 )
 from app.errors import TrellisError
-from app.events import Event, Source
+from app.events import Event, MessagePayload, Source
 from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
 from app.records import ConversationRecord, RunRecord
 from app.settings import Settings, load_settings
 from app.store import EventQuery, EventStore, NewConversation, SqliteStore
 from app.supervisor import RunSupervisor, open_run_supervisor
+from app.web import create_app
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "EventQuery",
     "EventStore",
     "IfBusy",
+    "MessagePayload",
     "NewConversation",
     "RunRecord",
     "RunSupervisor",
@@ -46,6 +48,7 @@ __all__ = [
     "SupervisorStatistics",
     "TrellisError",
     "__version__",
+    "create_app",
     "default_registry",
     "finish",
     "load_settings",
