@@ -74,6 +74,18 @@ class Event(BaseModel):
         return self.payload.kind
 
 
+def searchable_text(payload: Payload) -> str:
+    """The words the ``q`` search filter matches for this payload (not its JSON syntax)."""
+    match payload:
+        case MessagePayload(text=text):
+            return text
+        case ErrorPayload(message=message, error_type=error_type):
+            return f"{error_type}: {message}"
+        case StatusPayload(status=status, reason=reason):
+            return f"{status.value} {reason}"
+    raise TypeError(f"no search text for {type(payload).__name__}")  # pragma: no cover
+
+
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC (the only kind of timestamp Trellis stores)."""
     return datetime.now(UTC)

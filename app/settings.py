@@ -16,8 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "TRELLIS_"
 CONFIG_ENV_VAR = "TRELLIS_CONFIG"
@@ -27,12 +26,14 @@ class SettingsError(ValueError):
     """A setting is unknown or has a bad value; the message names every offending key."""
 
 
-class Settings(BaseSettings):
-    """Everything the server, the supervisor and the store can be tuned with."""
+class Settings(BaseModel):
+    """Everything the server, the supervisor and the store can be tuned with.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", validate_assignment=True, frozen=False
-    )
+    ``Settings(...)`` takes only what it is given; :func:`load_settings` is the one place
+    that reads files and the environment, in the documented order.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
@@ -78,8 +79,6 @@ def load_settings(
     values.update(_read_environ(environ))
     values.update({key: value for key, value in overrides.items() if value is not None})
     try:
-        # Pass everything explicitly: pydantic-settings' own env reading is switched off so
-        # that the order of sources is exactly the one documented above.
         return Settings.model_validate(values)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None

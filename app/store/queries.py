@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
@@ -10,6 +11,8 @@ from app.errors import InvalidInput
 from app.lifecycle import Status
 from app.records import ConversationRecord, RunRecord
 from app.store.base import EventQuery, Order
+
+_CURSOR = re.compile(r"[0-9]{1,18}")  # a row number; 18 digits stay inside SQLite's int64
 
 _RUN_COLUMNS = (
     "id",
@@ -56,7 +59,7 @@ def list_conversations(
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    if not _CURSOR.fullmatch(cursor):
         raise InvalidInput(
             "cursor must be a next_cursor value returned by this endpoint",
             detail=[{"loc": ["query", "cursor"], "msg": "not a cursor"}],
@@ -111,8 +114,9 @@ def _event_filters(conversation_id: str, query: EventQuery) -> tuple[str, list[A
         clauses.append("seq < ?")
         params.append(query.before_seq)
     if query.q is not None:
-        # Substring match over the payload's JSON text, case-insensitive for ASCII.
-        clauses.append("instr(lower(payload), lower(?)) > 0")
+        # Substring match over the event's text (see app.events.searchable_text),
+        # case-insensitive for ASCII letters.
+        clauses.append("instr(lower(text), lower(?)) > 0")
         params.append(query.q)
     return " AND ".join(clauses), params
 

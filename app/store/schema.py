@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS events (
     source          TEXT NOT NULL,
     kind            TEXT NOT NULL,
     payload         TEXT NOT NULL,                      -- JSON, includes "kind"
+    text            TEXT NOT NULL,                      -- what the q filter searches
     PRIMARY KEY (conversation_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (conversation_id, kind, seq);

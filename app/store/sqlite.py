@@ -22,7 +22,15 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from app.errors import IdempotencyKeyReused, NotFound
-from app.events import Event, MessagePayload, Payload, Source, StatusPayload, utc_now
+from app.events import (
+    Event,
+    MessagePayload,
+    Payload,
+    Source,
+    StatusPayload,
+    searchable_text,
+    utc_now,
+)
 from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
@@ -192,8 +200,9 @@ class SqliteStore:
             if queries.conversation_row(conn, conversation_id) is None:
                 raise _conversation_not_found(conversation_id)
             conn.execute(
-                "INSERT INTO runs (id, conversation_id, status, queued_at) VALUES (?, ?, ?, ?)",
-                (run_id, conversation_id, Status.QUEUED.value, utc_now().isoformat()),
+                "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run_id, conversation_id, Status.QUEUED.value, reason, utc_now().isoformat()),
             )
             if activate:
                 self._activate(conn, conversation_id, run_id, reason)
@@ -360,7 +369,7 @@ class SqliteStore:
             payload=payload,
         )
         conn.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 conversation_id,
                 event.seq,
@@ -370,6 +379,7 @@ class SqliteStore:
                 source.value,
                 payload.kind,
                 payload.model_dump_json(),
+                searchable_text(payload),
             ),
         )
         return event
