@@ -19,7 +19,7 @@ import trio
 from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
-from app.api import conversations, events, runs, server
+from app.api import conversations, events, openapi, runs, server
 from app.api.errors import register_error_handlers
 from app.settings import Settings
 from app.store.sqlite import SqliteStore
@@ -31,10 +31,10 @@ def create_app(
 ) -> QuartTrio:
     """Build the app. Nothing is opened until the app starts serving."""
     settings = settings or Settings()
-    app = QuartTrio("trellis")
+    app = QuartTrio("trellis", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_SORT_KEYS"] = False
-    for module in (conversations, runs, events, server):
+    for module in (conversations, runs, events, server, openapi):
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
 

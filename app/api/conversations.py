@@ -8,7 +8,14 @@ import json
 from quart import Blueprint, Response, request
 
 from app.api.http import json_response, parse_body, parse_query, supervisor
-from app.api.schemas import CreateConversation, ListConversations, PostMessage
+from app.api.openapi import documented
+from app.api.schemas import (
+    ConversationList,
+    CreateConversation,
+    ListConversations,
+    MessageAccepted,
+    PostMessage,
+)
 from app.errors import BadRequest
 from app.events import MessagePayload, Source
 from app.records import ConversationRecord
@@ -28,6 +35,14 @@ def present(sup: RunSupervisor, conversation: ConversationRecord) -> Conversatio
 
 
 @blueprint.post("")
+@documented(
+    "Create a conversation; with run=true start its first run. Idempotent with an"
+    " Idempotency-Key header (a replay answers with the same conversation).",
+    status=201,
+    body=CreateConversation,
+    response=ConversationRecord,
+    errors=(409, 413, 429, 503),
+)
 async def create_conversation() -> Response:
     sup = supervisor()
     body, raw = await parse_body(CreateConversation)
@@ -56,6 +71,7 @@ async def create_conversation() -> Response:
 
 
 @blueprint.get("")
+@documented("List conversations, newest first.", query=ListConversations, response=ConversationList)
 async def list_conversations() -> Response:
     sup = supervisor()
     query = parse_query(ListConversations)
@@ -63,10 +79,11 @@ async def list_conversations() -> Response:
         sup.store.list_conversations, status=query.status, limit=query.limit, cursor=query.cursor
     )
     items = [present(sup, item) for item in page.items]
-    return json_response({"items": items, "next_cursor": page.next_cursor})
+    return json_response(ConversationList(items=items, next_cursor=page.next_cursor))
 
 
 @blueprint.get("/<conversation_id>")
+@documented("A conversation with its current run.", response=ConversationRecord, errors=(404,))
 async def get_conversation(conversation_id: str) -> Response:
     sup = supervisor()
     conversation = await sup.io(sup.store.get_conversation, conversation_id)
@@ -74,12 +91,20 @@ async def get_conversation(conversation_id: str) -> Response:
 
 
 @blueprint.delete("/<conversation_id>")
+@documented("Stop the conversation's runs and delete everything.", status=204, errors=(404,))
 async def delete_conversation(conversation_id: str) -> Response:
     await supervisor().delete_conversation(conversation_id)
     return Response(b"", status=204)
 
 
 @blueprint.post("/<conversation_id>/messages")
+@documented(
+    "Append a user message; with run=true start a run (if_busy defaults to enqueue).",
+    status=202,
+    body=PostMessage,
+    response=MessageAccepted,
+    errors=(404, 409, 429, 503),
+)
 async def post_message(conversation_id: str) -> Response:
     sup = supervisor()
     body, _ = await parse_body(PostMessage)
@@ -94,4 +119,4 @@ async def post_message(conversation_id: str) -> Response:
         MessagePayload(text=body.content),
     )
     run = await sup.start_run(conversation_id, if_busy=body.if_busy) if body.run else None
-    return json_response({"event": event, "run": run}, 202)
+    return json_response(MessageAccepted(event=event, run=run), 202)

@@ -5,13 +5,22 @@ from __future__ import annotations
 from quart import Blueprint, Response
 
 from app.api.http import json_response, parse_body, parse_query, supervisor
-from app.api.schemas import ListRuns, ServerRuns, StartRun, WaitRun
+from app.api.openapi import documented
+from app.api.schemas import ListRuns, RunList, ServerRuns, StartRun, WaitRun
 from app.errors import RequestTimeout
+from app.records import RunRecord
 
 blueprint = Blueprint("runs", __name__, url_prefix="/api")
 
 
 @blueprint.post("/conversations/<conversation_id>/runs")
+@documented(
+    "Start a run (body optional). if_busy: reject (409), enqueue, or interrupt the active run.",
+    status=202,
+    body=StartRun,
+    response=RunRecord,
+    errors=(404, 409, 429, 503),
+)
 async def start_run(conversation_id: str) -> Response:
     sup = supervisor()
     body, _ = await parse_body(StartRun, optional=True)
@@ -21,6 +30,9 @@ async def start_run(conversation_id: str) -> Response:
 
 
 @blueprint.get("/conversations/<conversation_id>/runs")
+@documented(
+    "The conversation's runs, oldest first.", query=ListRuns, response=RunList, errors=(404,)
+)
 async def list_runs(conversation_id: str) -> Response:
     sup = supervisor()
     query = parse_query(ListRuns)
@@ -28,15 +40,22 @@ async def list_runs(conversation_id: str) -> Response:
         sup.store.list_runs, conversation_id, limit=query.limit, after=query.after
     )
     items = [sup.with_position(run) for run in runs]
-    return json_response({"items": items, "next_after": next_after})
+    return json_response(RunList(items=items, next_after=next_after))
 
 
 @blueprint.get("/conversations/<conversation_id>/runs/<run_id>")
+@documented("One run, with its live queue position.", response=RunRecord, errors=(404,))
 async def get_run(conversation_id: str, run_id: str) -> Response:
     return json_response(await supervisor().get_run(conversation_id, run_id))
 
 
 @blueprint.get("/conversations/<conversation_id>/runs/<run_id>/wait")
+@documented(
+    "Wait until the run has ended (200), or answer 408 at the timeout.",
+    query=WaitRun,
+    response=RunRecord,
+    errors=(404, 408),
+)
 async def wait_run(conversation_id: str, run_id: str) -> Response:
     sup = supervisor()
     query = parse_query(WaitRun)
@@ -51,6 +70,12 @@ async def wait_run(conversation_id: str, run_id: str) -> Response:
 
 
 @blueprint.post("/conversations/<conversation_id>/pause")
+@documented(
+    "Stop the active run at its next step boundary (pausing until then).",
+    status=202,
+    response=RunRecord,
+    errors=(404, 409),
+)
 async def pause(conversation_id: str) -> Response:
     sup = supervisor()
     await sup.io(sup.store.get_conversation, conversation_id)
@@ -58,6 +83,12 @@ async def pause(conversation_id: str) -> Response:
 
 
 @blueprint.post("/conversations/<conversation_id>/interrupt")
+@documented(
+    "Stop the active and enqueued runs now, even mid-step.",
+    status=202,
+    response=RunRecord,
+    errors=(404, 409),
+)
 async def interrupt(conversation_id: str) -> Response:
     sup = supervisor()
     await sup.io(sup.store.get_conversation, conversation_id)
@@ -65,8 +96,12 @@ async def interrupt(conversation_id: str) -> Response:
 
 
 @blueprint.get("/runs")
+@documented(
+    "Active runs server-wide: running first, then queued in the order they will start.",
+    query=ServerRuns,
+    response=RunList,
+)
 async def server_runs() -> Response:
-    """Active runs server-wide: running first, then queued in the order they will start."""
     sup = supervisor()
     query = parse_query(ServerRuns)
     records = {run.id: run for run in await sup.io(sup.store.list_active_runs)}
@@ -76,4 +111,4 @@ async def server_runs() -> Response:
         for run_id, holds_slot, position in sup.active_runs()
         if holds_slot in wanted and run_id in records  # not in records: still being created
     ]
-    return json_response({"items": items})
+    return json_response(RunList(items=items))

@@ -1,4 +1,8 @@
-"""Request bodies and query strings of the HTTP API (responses are the records)."""
+"""Request bodies, query strings and response bodies of the HTTP API.
+
+Handlers validate input with these models and build their answers with them, and
+``/openapi.json`` is generated from the same models: the documentation cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.handles import IfBusy
+from app.events import Event
+from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
+from app.records import ConversationRecord, RunRecord
 from app.store.base import MAX_PAGE_SIZE
 
 MAX_TEXT_CHARS = 100_000
@@ -64,3 +70,62 @@ class Limits(_Strict):
         if self.max_concurrent_runs is None and self.max_queued_runs is None:
             raise ValueError("give max_concurrent_runs, max_queued_runs or both")
         return self
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+class ConversationList(BaseModel):
+    items: list[ConversationRecord]
+    #: Pass back as ``cursor`` for the next (older) page; null on the last page.
+    next_cursor: str | None
+
+
+class RunList(BaseModel):
+    items: list[RunRecord]
+    #: Pass back as ``after`` for the next page; null on the last page.
+    next_after: int | None = None
+
+
+class EventList(BaseModel):
+    items: list[Event]
+    #: Ascending search: pass back as ``after_seq``. Descending: ``next_before_seq``.
+    next_after_seq: int | None = None
+    next_before_seq: int | None = None
+
+
+class Count(BaseModel):
+    count: int
+
+
+class MessageAccepted(BaseModel):
+    event: Event
+    run: RunRecord | None
+
+
+class ServerLimits(BaseModel):
+    max_concurrent_runs: int
+    max_queued_runs: int
+    io_threads: int
+    tool_threads: int
+    max_iterations: int
+
+
+class ServerInfo(BaseModel):
+    version: str
+    limits: ServerLimits
+    statistics: SupervisorStatistics
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

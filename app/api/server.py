@@ -2,41 +2,43 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from quart import Blueprint, Response
 
 from app.api.http import json_response, parse_body, supervisor
-from app.api.schemas import Limits
+from app.api.openapi import documented
+from app.api.schemas import Health, Limits, ServerInfo, ServerLimits
 from app.errors import ShuttingDown
 
 blueprint = Blueprint("server", __name__)
 
 
-def _server_info() -> dict[str, object]:
+def _server_info() -> ServerInfo:
     from app import __version__
 
     sup = supervisor()
     stats = sup.statistics()
-    return {
-        "version": __version__,
-        "limits": {
-            "max_concurrent_runs": stats.max_concurrent_runs,
-            "max_queued_runs": stats.max_queued_runs,
-            "io_threads": stats.io_total,
-            "tool_threads": stats.tool_total,
-            "max_iterations": sup.settings.max_iterations,
-        },
-        "statistics": dataclasses.asdict(stats),
-    }
+    limits = ServerLimits(
+        max_concurrent_runs=stats.max_concurrent_runs,
+        max_queued_runs=stats.max_queued_runs,
+        io_threads=stats.io_total,
+        tool_threads=stats.tool_total,
+        max_iterations=sup.settings.max_iterations,
+    )
+    return ServerInfo(version=__version__, limits=limits, statistics=stats)
 
 
 @blueprint.get("/api/server")
+@documented("Version, limits and live statistics.", response=ServerInfo)
 async def server() -> Response:
     return json_response(_server_info())
 
 
 @blueprint.patch("/api/server/limits")
+@documented(
+    "Change run limits at runtime: raising slots starts queued runs at once, 0 holds them.",
+    body=Limits,
+    response=ServerInfo,
+)
 async def patch_limits() -> Response:
     body, _ = await parse_body(Limits)
     supervisor().set_limits(
@@ -46,14 +48,14 @@ async def patch_limits() -> Response:
 
 
 @blueprint.get("/health")
+@documented("Liveness: 200 while the process answers, also while draining.", response=Health)
 async def health() -> Response:
-    """Liveness: the process answers. Stays 200 while draining."""
-    return json_response({"status": "ok"})
+    return json_response(Health(status="ok"))
 
 
 @blueprint.get("/ready")
+@documented("Readiness: 503 while draining.", response=Health, errors=(503,))
 async def ready() -> Response:
-    """Readiness: 503 while draining (load balancers stop sending new work)."""
     if supervisor().draining:
         raise ShuttingDown("the server is draining and will stop soon")
-    return json_response({"status": "ready"})
+    return json_response(Health(status="ready"))
