@@ -8,6 +8,7 @@ just ``handle.control``), so the supervisor changes them without locks.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -46,6 +47,44 @@ class RunHandle:
         if self.control.stop_reason is None:
             self.control.stop_reason = reason
         self.cancel_scope.cancel()
+
+
+class ActiveRuns:
+    """The handles of every queued or running run: by id in admission order, and by
+    conversation oldest first. Keeps the count of runs holding a slot."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, RunHandle] = {}
+        self._by_conversation: dict[str, list[RunHandle]] = {}
+        self.holding_slots = 0
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[RunHandle]:
+        return iter(list(self._by_id.values()))
+
+    def get(self, run_id: str) -> RunHandle | None:
+        return self._by_id.get(run_id)
+
+    def of_conversation(self, conversation_id: str | None) -> list[RunHandle]:
+        """The conversation's active runs, oldest (the current one) first."""
+        return list(self._by_conversation.get(conversation_id or "", ()))
+
+    def add(self, handle: RunHandle) -> None:
+        self._by_id[handle.run_id] = handle
+        self._by_conversation.setdefault(handle.conversation_id, []).append(handle)
+
+    def remove(self, handle: RunHandle) -> None:
+        del self._by_id[handle.run_id]
+        runs = self._by_conversation[handle.conversation_id]
+        runs.remove(handle)
+        if not runs:
+            del self._by_conversation[handle.conversation_id]
+
+    def set_holds_slot(self, handle: RunHandle, holds_slot: bool) -> None:
+        self.holding_slots += int(holds_slot) - int(handle.holds_slot)
+        handle.holds_slot = holds_slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from app.errors import (
     RunQueueFull,
     ShuttingDown,
 )
-from app.handles import IfBusy, RunHandle, SupervisorStatistics
+from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.records import RunRecord
 from app.settings import Settings
@@ -79,9 +79,8 @@ class RunSupervisor:
         # only counts run threads that are alive.
         self._run_threads = trio.CapacityLimiter(math.inf)
         self.max_queued_runs = settings.max_queued_runs
-        self._active: dict[str, RunHandle] = {}  # run_id → handle, in admission order
+        self._runs = ActiveRuns()
         self._waiting_for_slot = SlotLine(self.run_limiter)  # FIFO: the sofa's waiting line
-        self._by_conversation: dict[str, list[RunHandle]] = {}  # oldest first
         self._deleting: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -129,7 +128,7 @@ class RunSupervisor:
         ``reason``) is committed.
         """
         self._draining = True
-        handles = list(self._active.values())
+        handles = list(self._runs)
         for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
             handle.stop(reason)
         for handle in handles:
@@ -141,7 +140,7 @@ class RunSupervisor:
 
         The threads themselves cannot be stopped; the caller is about to exit the process.
         """
-        unfinished = [handle for handle in self._active.values() if not handle.done.is_set()]
+        unfinished = [handle for handle in self._runs if not handle.done.is_set()]
         for handle in unfinished:
             await self._record_end(handle, Trigger.STOP, reason)
         return len(unfinished)
@@ -176,7 +175,7 @@ class RunSupervisor:
         # From here to the store write, no checkpoint: the checks and the registration of
         # the handle happen atomically with respect to other requests.
         self.check_admission(conversation_id, if_busy=if_busy)
-        runs = self._by_conversation.get(conversation_id, [])
+        runs = self._runs.of_conversation(conversation_id)
         if if_busy is IfBusy.INTERRUPT:
             for earlier in runs:
                 earlier.stop("interrupt")
@@ -218,14 +217,14 @@ class RunSupervisor:
             raise ShuttingDown("the server is shutting down and admits no new runs")
         if conversation_id in self._deleting:
             raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
-        runs = self._by_conversation.get(conversation_id or "")
+        runs = self._runs.of_conversation(conversation_id)
         if runs and if_busy is IfBusy.REJECT:
             raise ConversationBusy(
                 "the conversation already has an active run; pass if_busy=enqueue to run "
                 "after it or if_busy=interrupt to replace it",
                 detail={"run_id": runs[-1].run_id},
             )
-        queued = len(self._active) - self._running_count()
+        queued = len(self._runs) - self._runs.holding_slots
         if queued >= self.max_queued_runs:
             raise RunQueueFull(
                 f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
@@ -235,20 +234,12 @@ class RunSupervisor:
             )
 
     def _register(self, handle: RunHandle) -> None:
-        self._active[handle.run_id] = handle
-        self._by_conversation.setdefault(handle.conversation_id, []).append(handle)
+        self._runs.add(handle)
 
     def _unregister(self, handle: RunHandle) -> None:
         self._waiting_for_slot.leave(handle.run_id)
-        del self._active[handle.run_id]
-        runs = self._by_conversation[handle.conversation_id]
-        runs.remove(handle)
-        if not runs:
-            del self._by_conversation[handle.conversation_id]
+        self._runs.remove(handle)
         handle.done.set()
-
-    def _running_count(self) -> int:
-        return sum(1 for handle in self._active.values() if handle.holds_slot)
 
     # -- the run task --------------------------------------------------------------------
 
@@ -293,13 +284,13 @@ class RunSupervisor:
         await self._waiting_for_slot.wait_for_slot(handle.run_id, borrower=handle)
 
     async def _run_in_slot(self, handle: RunHandle, ctx: RunContext) -> None:
-        handle.holds_slot = True
+        self._runs.set_holds_slot(handle, True)
         try:
             await trio.to_thread.run_sync(
                 run_conversation, ctx, limiter=self._run_threads, abandon_on_cancel=False
             )
         finally:
-            handle.holds_slot = False
+            self._runs.set_holds_slot(handle, False)
             self.run_limiter.release_on_behalf_of(handle)
 
     async def _record_end(self, handle: RunHandle, trigger: Trigger, reason: str) -> None:
@@ -351,7 +342,7 @@ class RunSupervisor:
         await self.io(self.store.get_conversation, conversation_id)
         self._deleting.add(conversation_id)
         try:
-            handles = list(self._by_conversation.get(conversation_id, []))
+            handles = self._runs.of_conversation(conversation_id)
             for handle in handles:
                 handle.stop("deleted")
             for handle in handles:
@@ -364,7 +355,7 @@ class RunSupervisor:
         self, conversation_id: str, run_id: str, timeout_seconds: float
     ) -> RunRecord | None:
         """The run's record once it has ended, or ``None`` if ``timeout_seconds`` passed."""
-        handle = self._active.get(run_id)
+        handle = self._runs.get(run_id)
         if handle is not None and handle.conversation_id == conversation_id:
             with trio.move_on_after(timeout_seconds):
                 await handle.done.wait()
@@ -374,7 +365,7 @@ class RunSupervisor:
         return record if record.status.value in ("paused", "finished", "error") else None
 
     def _runs_of(self, conversation_id: str, *, action: str) -> list[RunHandle]:
-        runs = self._by_conversation.get(conversation_id)
+        runs = self._runs.of_conversation(conversation_id)
         if not runs:
             raise IllegalTransition(
                 f"cannot {action}: the conversation has no queued or running run",
@@ -400,12 +391,12 @@ class RunSupervisor:
     def active_runs(self) -> list[tuple[str, bool, int | None]]:
         """``(run_id, holds_slot, queue_position)`` of every active run: those holding a slot
         first, then the slot line in start order, then runs waiting for their conversation."""
-        holding = [(run_id, True, None) for run_id, h in self._active.items() if h.holds_slot]
+        holding = [(h.run_id, True, None) for h in self._runs if h.holds_slot]
         line = [(run_id, False, n) for n, run_id in enumerate(self._waiting_for_slot, start=1)]
         behind = [
-            (run_id, False, None)
-            for run_id, h in self._active.items()
-            if not h.holds_slot and run_id not in self._waiting_for_slot
+            (h.run_id, False, None)
+            for h in self._runs
+            if not h.holds_slot and h.run_id not in self._waiting_for_slot
         ]
         result: list[tuple[str, bool, int | None]] = [*holding, *line, *behind]
         return result
@@ -424,11 +415,11 @@ class RunSupervisor:
             self.max_queued_runs = max_queued_runs
 
     def statistics(self) -> SupervisorStatistics:
-        running = self._running_count()
+        running = self._runs.holding_slots
         io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()
         return SupervisorStatistics(
             running=running,
-            queued=len(self._active) - running,
+            queued=len(self._runs) - running,
             waiting_for_slot=len(self._waiting_for_slot),
             run_threads_alive=self._run_threads.borrowed_tokens,
             max_concurrent_runs=int(self.run_limiter.total_tokens),

@@ -7,10 +7,15 @@ import re
 import sqlite3
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from app.errors import InvalidInput
+from app.events import Event, Payload
 from app.lifecycle import Status
 from app.records import ConversationRecord, RunRecord
 from app.store.base import EventQuery, Order
+
+_payload_adapter: TypeAdapter[Payload] = TypeAdapter(Payload)
 
 _CURSOR = re.compile(r"[0-9]{1,18}")  # a row number; 18 digits stay inside SQLite's int64
 
@@ -89,6 +94,18 @@ def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
 def run_from_row(row: sqlite3.Row) -> RunRecord:
     return RunRecord(
         conversation_id=row["conversation_id"], **{column: row[column] for column in _RUN_COLUMNS}
+    )
+
+
+def event_from_row(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        seq=row["seq"],
+        run_id=row["run_id"],
+        timestamp=row["timestamp"],
+        source=row["source"],
+        payload=_payload_adapter.validate_json(row["payload"]),
     )
 
 

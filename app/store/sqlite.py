@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from app.errors import IdempotencyKeyReused, NotFound
 from app.events import (
     Event,
@@ -36,8 +34,6 @@ from app.records import ConversationRecord, RunRecord
 from app.store import queries
 from app.store.base import ConversationPage, EventPage, EventQuery, NewConversation
 from app.store.schema import connect, initialize
-
-_payload_adapter: TypeAdapter[Payload] = TypeAdapter(Payload)
 
 
 def _new_id() -> str:
@@ -388,7 +384,7 @@ class SqliteStore:
         with self._read() as conn:
             self._conversation(conn, conversation_id)
             rows = queries.search_events(conn, conversation_id, query)
-        items = [self._event_from_row(row) for row in rows[: query.limit]]
+        items = [queries.event_from_row(row) for row in rows[: query.limit]]
         next_seq = items[-1].seq if len(rows) > query.limit else None
         return EventPage(items, next_seq)
 
@@ -408,19 +404,7 @@ class SqliteStore:
                 f"no event {event_id} in conversation {conversation_id}",
                 detail={"event_id": event_id},
             )
-        return self._event_from_row(row)
-
-    @staticmethod
-    def _event_from_row(row: sqlite3.Row) -> Event:
-        return Event(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            seq=row["seq"],
-            run_id=row["run_id"],
-            timestamp=row["timestamp"],
-            source=row["source"],
-            payload=_payload_adapter.validate_json(row["payload"]),
-        )
+        return queries.event_from_row(row)
 
 
 def _conversation_not_found(conversation_id: str) -> NotFound:
