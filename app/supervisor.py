@@ -294,9 +294,18 @@ class RunSupervisor:
             self.run_limiter.release_on_behalf_of(handle)
 
     async def _record_end(self, handle: RunHandle, trigger: Trigger, reason: str) -> None:
-        # IllegalTransition: already ended (the thread recorded it); NotFound: deleted.
-        with trio.CancelScope(shield=True), contextlib.suppress(IllegalTransition, NotFound):
-            await self.io(self.store.transition_run, handle.run_id, trigger, reason=reason)
+        """Record the run's end from the Trio side (shielded: also during cancellation).
+
+        Never raises ``Exception``: a store failure here is logged, so that it cannot take
+        the supervisor's nursery, and every sibling run, down with it.
+        """
+        with trio.CancelScope(shield=True):
+            try:
+                await self.io(self.store.transition_run, handle.run_id, trigger, reason=reason)
+            except (IllegalTransition, NotFound):
+                pass  # already ended (its thread recorded it), or deleted meanwhile
+            except Exception:
+                log.exception("could not record the end of run %s", handle.run_id)
 
     # -- control -------------------------------------------------------------------------
 

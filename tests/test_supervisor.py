@@ -6,6 +6,7 @@ Runs are held mid-step with gates (``app.testing``), so every assertion about "r
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from typing import Any, Literal
 
@@ -401,3 +402,38 @@ async def _leave_a_running_run(store: SqliteStore) -> str:
     store.create_run(conversation.id, run_id="crashed-run", activate=True, reason="user")
     store.transition_run("crashed-run", Trigger.START, reason="started")
     return conversation.id
+
+
+class StoreThatFailsToStop(SqliteStore):
+    """A store whose disk 'fails' when recording a stop: supervisors must survive that."""
+
+    def transition_run(self, run_id: str, trigger: Any, **kwargs: Any) -> Any:
+        from app.lifecycle import Trigger
+
+        if trigger is Trigger.STOP:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().transition_run(run_id, trigger, **kwargs)
+
+
+async def test_supervisor_survives_a_store_failure_while_recording_a_run_end(
+    settings: Settings, gates: Gates, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing final-status write is logged; sibling runs and admission carry on."""
+    store = StoreThatFailsToStop(settings.database_path)
+    try:
+        async with open_run_supervisor(settings, store, registry=gated_registry(gates)) as sup:
+            with trio.fail_after(10):
+                sibling_id, sibling_run = await start(sup, gated("sibling"))
+                await gates["sibling"].wait_entered()
+                sup.set_limits(max_concurrent_runs=1)
+                queued_id, _ = await start(sup, gated("never"))
+                await sup.interrupt(queued_id)  # recorded from the Trio side: fails
+                assert "could not record the end of run" in caplog.text
+                gates["sibling"].release()
+                run = await sup.wait_run(sibling_id, sibling_run, 5)
+                assert run is not None and run.status is Status.FINISHED
+                again_id, again_run = await start(sup, gated("sibling"))
+                assert await sup.wait_run(again_id, again_run, 5) is not None
+            gates.release_all()
+    finally:
+        store.close()
