@@ -63,7 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return trio.run(serve, settings)
+    try:
+        return trio.run(serve, settings)
+    except BaseExceptionGroup as group:
+        bind_errors, rest = group.split(OSError)  # the port is taken, the address not ours
+        if bind_errors is None or rest is not None:
+            raise
+        for error in _leaves(bind_errors):
+            print(
+                f"trellis: cannot serve on {settings.host}:{settings.port}: {error}",
+                file=sys.stderr,
+            )
+        return 1
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside a (possibly nested) exception group."""
+    return [
+        leaf
+        for error in group.exceptions
+        for leaf in (_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    ]
 
 
 def _refuse_unprotected_bind(host: str) -> None:

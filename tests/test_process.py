@@ -160,3 +160,27 @@ def test_bad_setting_stops_start_up_with_a_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "io_threads" in result.stderr
+
+
+def test_taken_port_stops_start_up_with_a_message(tmp_path: Path, servers: list[Server]) -> None:
+    """Serving on a port already in use exits with code 1 and says why, no traceback."""
+    servers.append(server := Server(tmp_path / "first"))
+    port = server.url.rsplit(":", 1)[-1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "second"),
+            "--port",
+            port,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
