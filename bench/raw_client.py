@@ -66,7 +66,9 @@ class RawClient:
         payload = b"" if body is None else json.dumps(body).encode()
         head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
         if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            head += "Content-Type: application/json\r\n"
+        if body is not None or method != "GET":
+            head += f"Content-Length: {len(payload)}\r\n"
         sock = self._connect()
         try:
             sock.sendall(head.encode() + b"\r\n" + payload)

@@ -1,0 +1,163 @@
+"""GET /api/conversations/{id} latency: idle, with the run slots saturated, while runs start.
+
+Every sample is one request on a warm keep-alive connection of :class:`RawClient`, timed
+around send + read of the whole body; the target conversation has one finished run, so
+every scenario reads the same record.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from raw_client import RawClient
+from server_process import python_executable
+from workload import (
+    CREATE_CONNECTIONS,
+    QUICK_RUN,
+    summarize_ms,
+    wait_for_statistics,
+)
+
+WARMUP_REQUESTS = 300  # JIT-free CPython still warms caches, pydantic paths, SQLite pages
+LATENCY_SAMPLES = 3000  # >= 2000 asked; p99 then rests on the 30 slowest samples
+HTTPX_SAMPLES = 1000  # reference only: how much a typical client adds
+SAMPLING_TIME_LIMIT_SECONDS = 60.0  # a hard stop for any sampling loop
+MIN_SAMPLES_WHILE_STARTING = 2000  # repeat start bursts until at least this many samples
+MAX_START_ROUNDS = 8  # bounds the repetitions (each round is one burst of run starts)
+CREATOR_READY_TIMEOUT_SECONDS = 10.0  # the creator process is a fresh interpreter: ~0.2 s
+
+START_RUNS_SCRIPT = Path(__file__).with_name("start_runs.py")
+
+
+def conversation_path(conversation_id: str) -> str:
+    return f"/api/conversations/{conversation_id}"
+
+
+def prepare_target(client: RawClient) -> str:
+    """A conversation whose one (quick) run has finished: the record every sample reads."""
+    body = {"agent": QUICK_RUN, "run": True}
+    conversation_id: str = client.call("POST", "/api/conversations", body, 201)["id"]
+    deadline = time.perf_counter() + SAMPLING_TIME_LIMIT_SECONDS
+    while client.call("GET", conversation_path(conversation_id))["status"] != "finished":
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the target conversation's quick run did not finish")
+        time.sleep(0.01)  # the run takes a few ms
+    return conversation_id
+
+
+def sample_raw(port: int, path: str, samples: int = LATENCY_SAMPLES) -> dict[str, float]:
+    """Warm up, then time ``samples`` GETs with the raw client."""
+    with RawClient(port) as client:
+        for _ in range(WARMUP_REQUESTS):
+            client.timed_get(path)
+        deadline = time.perf_counter() + SAMPLING_TIME_LIMIT_SECONDS
+        timings: list[int] = []
+        while len(timings) < samples and time.perf_counter() < deadline:
+            timings.append(client.timed_get(path))
+    return summarize_ms(timings)
+
+
+def sample_httpx(port: int, path: str, samples: int = HTTPX_SAMPLES) -> dict[str, float]:
+    """The same with ``httpx.Client`` (keep-alive), for reference."""
+    timings: list[int] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(WARMUP_REQUESTS):
+            client.get(path).raise_for_status()
+        deadline = time.perf_counter() + SAMPLING_TIME_LIMIT_SECONDS
+        while len(timings) < samples and time.perf_counter() < deadline:
+            start = time.perf_counter_ns()
+            client.get(path).raise_for_status()
+            timings.append(time.perf_counter_ns() - start)
+    return summarize_ms(timings)
+
+
+def sample_while_starting(port: int, path: str, runs_per_round: int) -> dict[str, Any]:
+    """Time GETs while a separate process starts ``runs_per_round`` runs as fast as it can.
+
+    Only samples that began inside the creator's busy window count. Rounds repeat (after
+    interrupting the previous round's runs, so every burst starts runs into free slots)
+    until ``MIN_SAMPLES_WHILE_STARTING`` samples or ``MAX_START_ROUNDS`` rounds.
+    """
+    timings: list[int] = []
+    rounds, starts, busy_ns = 0, 0, 0
+    with RawClient(port) as client:
+        for _ in range(WARMUP_REQUESTS):
+            client.timed_get(path)
+        while len(timings) < MIN_SAMPLES_WHILE_STARTING and rounds < MAX_START_ROUNDS:
+            window, round_timings = _one_start_round(client, port, path, runs_per_round)
+            timings += round_timings
+            rounds += 1
+            starts += window["created"]
+            busy_ns += window["ended_ns"] - window["started_ns"]
+            _interrupt_all(port, window["conversation_ids"])
+            wait_for_statistics(
+                client, lambda s: s["running"] == 0 and s["queued"] == 0, "runs to stop"
+            )
+    summary: dict[str, Any] = summarize_ms(timings)
+    summary |= {"rounds": rounds, "runs_started": starts, "start_window_s": busy_ns / 1e9}
+    return summary
+
+
+def _one_start_round(
+    client: RawClient, port: int, path: str, runs: int
+) -> tuple[dict[str, Any], list[int]]:
+    command = [python_executable(), str(START_RUNS_SCRIPT), str(port), str(runs)]
+    # The with block closes the pipes; the finally makes sure nothing is left running.
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    ) as creator:
+        try:
+            window, began = _sample_during_burst(creator, client, path)
+            creator.wait(CREATOR_READY_TIMEOUT_SECONDS)
+        finally:
+            if creator.poll() is None:
+                creator.kill()
+                creator.wait()
+    inside = [d for s, d in began if window["started_ns"] <= s <= window["ended_ns"]]
+    return window, inside
+
+
+def _sample_during_burst(
+    creator: subprocess.Popen[str], client: RawClient, path: str
+) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """Say go, then sample until the creator reports its window; ``(window, [(start ns,
+    duration ns)])``."""
+    assert creator.stdin is not None and creator.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(creator.stdout, selectors.EVENT_READ)
+        if not selector.select(CREATOR_READY_TIMEOUT_SECONDS):
+            raise TimeoutError("the run-starting process did not get ready")
+        if creator.stdout.readline().strip() != "ready":
+            raise RuntimeError("the run-starting process failed before starting")
+        creator.stdin.write("go\n")
+        creator.stdin.flush()
+        began: list[tuple[int, int]] = []
+        deadline = time.perf_counter() + SAMPLING_TIME_LIMIT_SECONDS
+        while not selector.select(0) and time.perf_counter() < deadline:
+            start = time.perf_counter_ns()
+            began.append((start, client.timed_get(path)))
+        line = creator.stdout.readline()
+    if not line:
+        raise RuntimeError("the run-starting process failed (its traceback is above)")
+    window: dict[str, Any] = json.loads(line)
+    return window, began
+
+
+def _interrupt_all(port: int, conversation_ids: list[str]) -> None:
+    """Interrupt the conversations' runs over a few connections (202 each)."""
+
+    def interrupt(ids: list[str]) -> None:
+        with RawClient(port) as client:
+            for conversation_id in ids:
+                client.call("POST", f"{conversation_path(conversation_id)}/interrupt", None, 202)
+
+    shares = [conversation_ids[i::CREATE_CONNECTIONS] for i in range(CREATE_CONNECTIONS)]
+    with ThreadPoolExecutor(CREATE_CONNECTIONS) as pool:
+        list(pool.map(interrupt, shares))

@@ -1,0 +1,137 @@
+"""Trellis benchmark: the issue's performance targets, measured on the real server.
+
+Run with ``make bench`` (``.venv/bin/python bench/run.py``); takes about 1 to 1.5 minutes
+on a 2-core machine. Every server is a subprocess (``python -m app serve --port 0``, own
+temporary data directory, 127.0.0.1 only) and is always stopped by this script (SIGTERM,
+then SIGKILL after a timeout), also on error. Every loop is bounded in count and time.
+
+What is measured, and how:
+
+1. Time to healthy: ``Popen`` → first 200 from ``GET /health`` (polled every 2 ms on fresh
+   connections); median of 3 cold starts with default limits.
+9. SIGTERM with 100 runs in flight: on each of those 3 servers, 100 long runs (10 running +
+   90 queued, confirmed via ``GET /api/server``); time from SIGTERM to process exit, and the
+   exit code; median of 3.
+2. RSS idle: ``VmRSS`` of ``/proc/PID/status`` after start and a few requests.
+3. ``GET /api/conversations/{id}`` latency, idle: a minimal keep-alive HTTP/1.1 client on a
+   raw socket (``raw_client.py``), 300 warm-up requests, then 3000 timed ones; p50 / p99.
+   For reference: server CPU per request; the same with ``httpx.Client``; ``GET /health``
+   (the framework's floor); and the raw client against a static responder in its own
+   process (``floor_server.py``: what the client, loopback and scheduler cost).
+6. Server CPU per run start: utime + stime of the server (``/proc/PID/stat``) around 256
+   sequential ``POST /api/conversations`` with ``run: true``, until all 256 run threads are
+   running; also wall time per start, and CPU per create without a run for comparison.
+4. Latency with the run slots saturated: those 256 runs sleep in 256 slots (server started
+   with ``--max-concurrent-runs 256``; confirmed ``running == 256``); 3000 samples; p99
+   compared with the idle p99.
+5. Latency while runs start: on a fresh 256-slot server, a separate process
+   (``start_runs.py``) creates 256 conversations with ``run: true`` over 4 connections as
+   fast as it can while this process samples; only samples inside that burst count. Bursts
+   repeat (previous runs interrupted first) until at least 2000 samples; p99 vs idle p99
+   of item 3 (that server's own idle p99, sampled just before, is reported too).
+7. Queue position = start order: admission paused (0 slots), 50 quick runs enqueued over 4
+   connections recording each ``queue_position``; then 1 slot; once all finished, sorting
+   by ``started_at`` must give exactly the ``queue_position`` order.
+8. Interrupt latency: 30 times, a run sleeping mid-step (60 s sleep step) is interrupted;
+   round trip of ``POST /interrupt`` (answers after the run stopped, status ``paused``);
+   also server ``finished_at`` minus the client's send time.
+
+Prints one table (stdout) and writes it, with all raw numbers, to ``bench/results.json``.
+Progress goes to stderr. The peer column quotes the issue's figures for another server.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import floor_server
+import latency
+import report
+import runs
+from raw_client import RawClient
+from server_process import TrellisServer
+from workload import log, wait_for_statistics
+
+SATURATING_RUNS = 256  # the issue's scenario: 256 runs in 256 slots
+WARM_REQUESTS = 20  # "a few requests" before reading the idle RSS
+
+
+def measure_main_server(results: dict[str, Any]) -> None:
+    """RSS, idle latency, CPU per start, then latency with the slots saturated."""
+    with (
+        TrellisServer("--max-concurrent-runs", str(SATURATING_RUNS)) as server,
+        RawClient(server.port) as client,
+    ):
+        target = latency.conversation_path(latency.prepare_target(client))
+        for _ in range(WARM_REQUESTS):
+            client.call("GET", target)
+            client.call("GET", "/api/server")
+        results["rss_idle_mib"] = server.rss_mib()
+        log(f"RSS idle {results['rss_idle_mib']:.1f} MiB; sampling idle latency")
+        results["idle"] = sample_with_cpu(server, target)
+        results["idle_httpx"] = latency.sample_httpx(server.port, target)
+        results["health_idle"] = sample_with_cpu(server, "/health")
+        log(f"idle: {report.latency_text(results['idle'])}; starting {SATURATING_RUNS} runs")
+        results["cpu_per_start"] = runs.cpu_per_start(server, client, SATURATING_RUNS)
+        stats = wait_for_statistics(
+            client, lambda s: s["running"] == SATURATING_RUNS, "slots saturated"
+        )
+        log(f"{stats['running']} running, {stats['queued']} queued; sampling latency")
+        results["saturated"] = latency.sample_raw(server.port, target)
+        results["saturated"]["running"] = stats["running"]
+        results["rss_saturated_mib"] = server.rss_mib()
+        code, seconds = server.terminate()
+        results["sigterm_256_running"] = {"exit_code": code, "seconds": seconds}
+
+
+def sample_with_cpu(server: TrellisServer, path: str) -> dict[str, Any]:
+    """``latency.sample_raw`` plus the server's CPU time per request (warm-up included)."""
+    cpu_start = server.cpu_seconds()
+    summary: dict[str, Any] = latency.sample_raw(server.port, path)
+    requests = summary["samples"] + latency.WARMUP_REQUESTS
+    summary["server_cpu_ms_per_request"] = (server.cpu_seconds() - cpu_start) / requests * 1e3
+    return summary
+
+
+def measure_while_starting(results: dict[str, Any]) -> None:
+    with (
+        TrellisServer("--max-concurrent-runs", str(SATURATING_RUNS)) as server,
+        RawClient(server.port) as client,
+    ):
+        target = latency.conversation_path(latency.prepare_target(client))
+        # This server's own idle baseline: shows how much of the ratio is run-to-run noise.
+        results["idle_before_starting"] = latency.sample_raw(server.port, target)
+        log("sampling latency while runs start (separate process creating runs)")
+        results["starting"] = latency.sample_while_starting(server.port, target, SATURATING_RUNS)
+
+
+def measure_queue_and_interrupt(results: dict[str, Any]) -> None:
+    with TrellisServer("--max-concurrent-runs", "1") as server, RawClient(server.port) as client:
+        log("queue order")
+        results["queue_order"] = runs.queue_order(server, client)
+        log("interrupt latency")
+        results["interrupt"] = runs.interrupt_latency(client)
+
+
+def main() -> int:
+    began = time.perf_counter()
+    results: dict[str, Any] = {}
+    log("measuring floor: raw client against a static responder")
+    results["floor"] = floor_server.measure(latency.LATENCY_SAMPLES)
+    log("cold starts + SIGTERM with 100 runs in flight")
+    results["cold_starts"] = runs.cold_starts_and_sigterm()
+    measure_main_server(results)
+    measure_while_starting(results)
+    measure_queue_and_interrupt(results)
+    total_seconds = time.perf_counter() - began
+    rows = report.build_rows(results)
+    print(report.format_table(rows))
+    path = report.write_json(rows, results, total_seconds)
+    print(f"\n{total_seconds:.0f} s in total; results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
