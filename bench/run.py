@@ -18,9 +18,10 @@ What is measured, and how:
    For reference: server CPU per request; the same with ``httpx.Client``; ``GET /health``
    (the framework's floor); and the raw client against a static responder in its own
    process (``floor_server.py``: what the client, loopback and scheduler cost).
-6. Server CPU per run start: utime + stime of the server (``/proc/PID/stat``) around 256
-   sequential ``POST /api/conversations`` with ``run: true``, until all 256 run threads are
-   running; also wall time per start, and CPU per create without a run for comparison.
+6. Server CPU per run start: utime + stime of the server (``/proc/PID/stat``) around 192
+   sequential ``POST /api/conversations/{id}/runs`` on idle conversations, until all their
+   run threads are running; also wall time per start, and for comparison the CPU per create
+   without a run (256 creates) and per create with ``run: true`` (the last 64 of 256 runs).
 4. Latency with the run slots saturated: those 256 runs sleep in 256 slots (server started
    with ``--max-concurrent-runs 256``; confirmed ``running == 256``); 3000 samples; p99
    compared with the idle p99.

@@ -67,35 +67,50 @@ def cold_starts_and_sigterm() -> dict[str, Any]:
 
 
 def cpu_per_start(server: TrellisServer, client: RawClient, runs: int) -> dict[str, Any]:
-    """Server CPU and wall time per run start, for ``runs`` sequential creations with
-    ``run: true`` on an otherwise idle server, counted until every run thread is running.
+    """Server CPU and wall time per run start on an otherwise idle server, counted until
+    every run thread is running. Ends with ``runs`` runs running.
 
-    Also measures creation *without* a run first, to show what the HTTP create costs alone.
-    The ``/api/server`` polls while waiting add ~0.1 ms CPU each, a handful in total.
+    Three batches: ``runs`` conversations created without a run (what the HTTP create costs
+    alone); then ``POST .../runs`` on three quarters of them (a run start, strictly); then
+    ``POST /api/conversations`` with ``run: true`` for the last quarter (create + start in
+    one request). The ``/api/server`` polls while waiting add ~0.1 ms CPU each, a handful.
     """
     cpu_start = server.cpu_seconds()
-    _create_sequentially(client, runs, {"agent": LONG_RUN})
+    ids = _create_sequentially(client, runs, {"agent": LONG_RUN})
     create_only_cpu_s = server.cpu_seconds() - cpu_start
 
+    started = runs * 3 // 4
     cpu_start, wall_start = server.cpu_seconds(), time.perf_counter()
-    _create_sequentially(client, runs, {"agent": LONG_RUN, "run": True})
-    wait_for_statistics(
-        client,
-        lambda s: s["running"] == runs and s["run_threads_alive"] == runs,
-        f"{runs} runs running",
-    )
+    for conversation_id in ids[:started]:
+        client.call("POST", f"/api/conversations/{conversation_id}/runs", None, 202)
+    _wait_for_running(client, started)
     cpu_s, wall_s = server.cpu_seconds() - cpu_start, time.perf_counter() - wall_start
+
+    created_and_started = runs - started
+    cpu_start = server.cpu_seconds()
+    _create_sequentially(client, created_and_started, {"agent": LONG_RUN, "run": True})
+    _wait_for_running(client, runs)
+    both_cpu_s = server.cpu_seconds() - cpu_start
     return {
-        "runs": runs,
-        "cpu_ms_per_start": cpu_s / runs * 1e3,
-        "wall_ms_per_start": wall_s / runs * 1e3,
+        "runs": started,
+        "cpu_ms_per_start": cpu_s / started * 1e3,
+        "wall_ms_per_start": wall_s / started * 1e3,
         "cpu_ms_per_create_without_run": create_only_cpu_s / runs * 1e3,
+        "creates_with_run": created_and_started,
+        "cpu_ms_per_create_with_run": both_cpu_s / created_and_started * 1e3,
     }
 
 
-def _create_sequentially(client: RawClient, count: int, body: dict[str, Any]) -> None:
-    for _ in range(count):
-        client.call("POST", "/api/conversations", body, 201)
+def _wait_for_running(client: RawClient, count: int) -> None:
+    wait_for_statistics(
+        client,
+        lambda s: s["running"] == count and s["run_threads_alive"] == count,
+        f"{count} runs running",
+    )
+
+
+def _create_sequentially(client: RawClient, count: int, body: dict[str, Any]) -> list[str]:
+    return [client.call("POST", "/api/conversations", body, 201)["id"] for _ in range(count)]
 
 
 def queue_order(server: TrellisServer, client: RawClient) -> dict[str, Any]:
