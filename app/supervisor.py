@@ -171,7 +171,6 @@ class RunSupervisor:
             while a run is active); :class:`~app.errors.RunQueueFull`;
             :class:`~app.errors.ShuttingDown`.
         """
-        conversation = await self.io(self.store.get_conversation, conversation_id)
         # From here to the store write, no checkpoint: the checks and the registration of
         # the handle happen atomically with respect to other requests.
         self.check_admission(conversation_id, if_busy=if_busy)
@@ -187,7 +186,7 @@ class RunSupervisor:
         # left queued with nobody to run it.
         with trio.CancelScope(shield=True):
             try:
-                record = await self.io(
+                record, conversation = await self.io(
                     self.store.create_run,
                     conversation_id,
                     run_id=handle.run_id,

@@ -352,20 +352,21 @@ def test_store_unknown_id_raises_not_found(
 def test_create_run_activate_queues_conversation(store: SqliteStore) -> None:
     """An activated run is queued, becomes the current run, and writes one status event."""
     conversation = create(store)
-    run = store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
+    run, returned = store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
     assert (run.id, run.conversation_id, run.status) == ("r1", conversation.id, Status.QUEUED)
     assert run.reason == "api"  # why the run exists, until a transition gives a new reason
     assert (run.started_at, run.finished_at, run.steps, run.error) == (None, None, 0, None)
     after = store.get_conversation(conversation.id)
     assert (after.status, after.run) == (Status.QUEUED, run)
+    assert returned == after
     assert statuses(store, conversation.id) == [("queued", "idle", "api", "r1")]
 
 
 def test_create_run_without_activate_leaves_conversation(store: SqliteStore) -> None:
     """A run created with activate=False is recorded but the conversation does not change."""
     conversation = create(store)
-    run = store.create_run(conversation.id, run_id="r1", activate=False, reason="api")
-    assert store.get_conversation(conversation.id) == conversation
+    run, returned = store.create_run(conversation.id, run_id="r1", activate=False, reason="api")
+    assert store.get_conversation(conversation.id) == returned == conversation
     assert store.get_run(conversation.id, "r1") == run
     assert store.list_active_runs() == [run]
 

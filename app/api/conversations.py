@@ -86,7 +86,9 @@ async def list_conversations() -> Response:
 @documented("A conversation with its current run.", response=ConversationRecord, errors=(404,))
 async def get_conversation(conversation_id: str) -> Response:
     sup = supervisor()
-    conversation = await sup.io(sup.store.get_conversation, conversation_id)
+    conversation = sup.store.cached_conversation(conversation_id)  # no thread hop if cached
+    if conversation is None:
+        conversation = await sup.io(sup.store.get_conversation, conversation_id)
     return json_response(present(sup, conversation))
 
 

@@ -3,7 +3,8 @@
 Threads and connections: all writes go through one writer connection under a
 ``threading.Lock`` — writes are short (tens of microseconds with ``synchronous=NORMAL``), and
 an in-process lock queues writers fairly instead of letting SQLite's busy handler sleep and
-retry. Reads use one connection per thread (WAL readers are never blocked by the writer).
+retry. Reads borrow a connection from a pool, one thread at a time per connection (WAL
+readers are never blocked by the writer).
 Any thread may call any method: handlers call from I/O-limiter threads, runs from their own
 run thread.
 """
@@ -11,6 +12,7 @@ run thread.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
 import uuid
@@ -33,6 +35,7 @@ from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, tra
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
 from app.store.base import ConversationPage, EventPage, EventQuery, NewConversation
+from app.store.cache import RecordCache
 from app.store.schema import connect, initialize
 
 
@@ -47,7 +50,11 @@ class SqliteStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
-        self._local = threading.local()
+        self._cache = RecordCache()
+        self._touched: set[str] = set()  # conversations the current write transaction changed
+        # Idle read connections, shared by all threads: a new run thread borrows one instead
+        # of opening its own (opening costs more than a whole small transaction).
+        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._writer = self._open_connection()
@@ -64,26 +71,28 @@ class SqliteStore:
             self._all_connections.append(connection)
         return connection
 
-    def _reader(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._open_connection()
-        return connection
-
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: one consistent snapshot for several SELECTs."""
-        connection = self._reader()
+        """A read transaction (one consistent snapshot) on a pooled connection.
+
+        The pool holds at most as many connections as reads ever ran at once.
+        """
+        try:
+            connection = self._idle_readers.get_nowait()
+        except queue.Empty:
+            connection = self._open_connection()
         connection.execute("BEGIN")
         try:
             yield connection
         finally:
             connection.execute("COMMIT")
+            self._idle_readers.put(connection)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction on the writer connection; rolled back if anything raises."""
         with self._write_lock:
+            self._touched.clear()
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield self._writer
@@ -91,6 +100,18 @@ class SqliteStore:
                 self._writer.execute("ROLLBACK")
                 raise
             self._writer.execute("COMMIT")
+            self._refresh_cached()
+
+    def _refresh_cached(self) -> None:
+        """After a commit (write lock held): re-read the touched conversations that are
+        cached, or drop them if they are gone."""
+        for conversation_id in self._touched:
+            if conversation_id in self._cache:
+                row = queries.conversation_row(self._writer, conversation_id)
+                if row is None:
+                    self._cache.drop(conversation_id)
+                else:
+                    self._cache.put(queries.conversation_from_row(row))
 
     def close(self) -> None:
         """Close every connection this store opened, from any thread."""
@@ -144,8 +165,18 @@ class SqliteStore:
             return self._conversation(conn, conversation_id), True
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord:
-        with self._read() as conn:
-            return self._conversation(conn, conversation_id)
+        """The conversation, from the cache or read (and cached) under the write lock."""
+        cached = self._cache.get(conversation_id)
+        if cached is not None:
+            return cached
+        with self._write_lock:  # no write can commit between this read and the insert
+            record = self._conversation(self._writer, conversation_id)
+            self._cache.put(record)
+        return record
+
+    def cached_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """The cached record, or ``None``. Never blocks: safe on the Trio thread."""
+        return self._cache.get(conversation_id)
 
     def list_conversations(
         self, *, status: Status | None, limit: int, cursor: str | None
@@ -160,6 +191,7 @@ class SqliteStore:
     def delete_conversation(self, conversation_id: str) -> None:
         """Delete the conversation with its runs and events (the caller stopped its runs)."""
         with self._write() as conn:
+            self._touched.add(conversation_id)
             if (
                 conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
                 == 0
@@ -186,40 +218,38 @@ class SqliteStore:
 
     def create_run(
         self, conversation_id: str, *, run_id: str, activate: bool, reason: str
-    ) -> RunRecord:
+    ) -> tuple[RunRecord, ConversationRecord]:
         """Record a new ``queued`` run; with ``activate`` it becomes the conversation's run.
 
-        A run created behind an earlier active run of the same conversation is activated
-        later (:meth:`activate_run`), when that run has ended.
+        Returns the run and the conversation as they are after the change. A run created
+        behind an earlier active run of the same conversation is activated later
+        (:meth:`activate_run`), when that run has ended.
         """
         with self._write() as conn:
-            if queries.conversation_row(conn, conversation_id) is None:
-                raise _conversation_not_found(conversation_id)
+            conversation = self._conversation(conn, conversation_id)
             conn.execute(
                 "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (run_id, conversation_id, Status.QUEUED.value, reason, utc_now().isoformat()),
             )
             if activate:
-                self._activate(conn, conversation_id, run_id, reason)
-            return self._run(conn, run_id)
+                self._activate(conn, conversation, run_id, reason)
+            return self._run(conn, run_id), self._conversation(conn, conversation_id)
 
     def activate_run(self, run_id: str, *, reason: str) -> RunRecord:
         """Make a queued run its conversation's current run (conversation → ``queued``)."""
         with self._write() as conn:
             run = self._run(conn, run_id)
-            self._activate(conn, run.conversation_id, run_id, reason)
+            self._activate(conn, self._conversation(conn, run.conversation_id), run_id, reason)
             return run
 
     def _activate(
-        self, conn: sqlite3.Connection, conversation_id: str, run_id: str, reason: str
-    ) -> None:
-        conversation = self._conversation(conn, conversation_id)
+        self, conn: sqlite3.Connection, conversation: ConversationRecord, run_id: str, reason: str
+    ) -> Event:
         status = transition(conversation.status, Trigger.ENQUEUE)
-        conn.execute(
-            "UPDATE conversations SET current_run_id = ? WHERE id = ?", (run_id, conversation_id)
+        return self._set_conversation_status(
+            conn, conversation.id, conversation.status, run_id, status, reason, activate=True
         )
-        self._set_conversation_status(conn, conversation, run_id, status, reason)
 
     def transition_run(
         self, run_id: str, trigger: Trigger, *, reason: str, error: str | None = None
@@ -233,10 +263,11 @@ class SqliteStore:
             run = self._run(conn, run_id)
             status = run_transition(run.status, trigger)
             now = utc_now().isoformat()
-            conn.execute(
+            row = conn.execute(
                 "UPDATE runs SET status = ?, reason = ?, error = COALESCE(?, error),"
                 " started_at = CASE WHEN ? THEN ? ELSE started_at END,"
-                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?"
+                " RETURNING *",
                 (
                     status.value,
                     reason,
@@ -247,35 +278,49 @@ class SqliteStore:
                     now,
                     run_id,
                 ),
-            )
-            conversation = self._conversation(conn, run.conversation_id)
-            if conversation.run is not None and conversation.run.id == run_id:
-                new_status = transition(conversation.status, trigger)
-                self._set_conversation_status(conn, conversation, run_id, new_status, reason)
-            return self._run(conn, run_id)
+            ).fetchone()
+            self._touched.add(run.conversation_id)  # its record embeds the current run
+            current = conn.execute(
+                "SELECT status FROM conversations WHERE id = ? AND current_run_id = ?",
+                (run.conversation_id, run_id),
+            ).fetchone()
+            if current is not None:
+                previous = Status(current["status"])
+                new_status = transition(previous, trigger)
+                self._set_conversation_status(
+                    conn, run.conversation_id, previous, run_id, new_status, reason
+                )
+            return queries.run_from_row(row)
 
     def _set_conversation_status(
         self,
         conn: sqlite3.Connection,
-        conversation: ConversationRecord,
+        conversation_id: str,
+        previous: Status,
         run_id: str,
         status: Status,
         reason: str,
-    ) -> None:
-        conn.execute(
-            "UPDATE conversations SET status = ? WHERE id = ?", (status.value, conversation.id)
-        )
-        payload = StatusPayload(status=status, previous=conversation.status, reason=reason)
-        self._append(conn, conversation.id, run_id, Source.SYSTEM, payload)
+        *,
+        activate: bool = False,
+    ) -> Event:
+        """Change the conversation's status (and, with ``activate``, its current run) and
+        append the ``status`` event — one UPDATE and one INSERT."""
+        payload = StatusPayload(status=status, previous=previous, reason=reason)
+        current_run_id = run_id if activate else None
+        return self._append(conn, conversation_id, run_id, Source.SYSTEM, payload, current_run_id)
 
     def save_progress(self, run_id: str, *, steps: int, agent_state: dict[str, Any]) -> None:
         """Record a completed step: the run's step count and the agent's state, together."""
         with self._write() as conn:
-            run = self._run(conn, run_id)
-            conn.execute("UPDATE runs SET steps = ? WHERE id = ?", (steps, run_id))
+            row = conn.execute(
+                "UPDATE runs SET steps = ? WHERE id = ? RETURNING conversation_id", (steps, run_id)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no run with id {run_id}", detail={"run_id": run_id})
+            self._touched.add(row["conversation_id"])  # the current run's step count
             conn.execute(
                 "UPDATE conversations SET agent_state = ? WHERE id = ?",
-                (json.dumps(agent_state), run.conversation_id),
+                (json.dumps(agent_state), row["conversation_id"]),
             )
 
     def get_run(self, conversation_id: str, run_id: str) -> RunRecord:
@@ -346,16 +391,22 @@ class SqliteStore:
         run_id: str | None,
         source: Source,
         payload: Payload,
+        current_run_id: str | None = None,
     ) -> Event:
+        """Insert one event with the next ``seq``; a status payload also sets the status."""
         now = utc_now()
+        status = payload.status.value if isinstance(payload, StatusPayload) else None
         row = conn.execute(
-            "UPDATE conversations SET last_seq = last_seq + 1, updated_at = ? WHERE id = ?"
-            " RETURNING last_seq",
-            (now.isoformat(), conversation_id),
+            "UPDATE conversations SET last_seq = last_seq + 1, updated_at = ?,"
+            " status = COALESCE(?, status), current_run_id = COALESCE(?, current_run_id)"
+            " WHERE id = ? RETURNING last_seq",
+            (now.isoformat(), status, current_run_id, conversation_id),
         ).fetchone()
         if row is None:
             raise _conversation_not_found(conversation_id)
-        event = Event(
+        self._touched.add(conversation_id)
+        # Built without re-validation: every field was produced or validated here.
+        event = Event.model_construct(
             id=_new_id(),
             conversation_id=conversation_id,
             seq=row[0],

@@ -1,0 +1,122 @@
+"""The store's write-through cache of conversation records (app/store/cache.py)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from app.events import MessagePayload, Source
+from app.lifecycle import Status, Trigger
+from app.records import ConversationRecord
+from app.store import NewConversation, SqliteStore
+from app.store.cache import RecordCache
+from app.store.queries import conversation_from_row, conversation_row
+
+
+def create(store: SqliteStore) -> ConversationRecord:
+    new = NewConversation(agent={"kind": "script", "steps": [{"say": "x"}]}, title=None,
+                          max_iterations=5)  # fmt: skip
+    return store.create_conversation(new)[0]
+
+
+def fresh(store: SqliteStore, conversation_id: str) -> ConversationRecord:
+    """What the database says, bypassing the cache."""
+    row = conversation_row(store._writer, conversation_id)
+    assert row is not None
+    return conversation_from_row(row)
+
+
+def test_cache_fills_on_first_read_only(store: SqliteStore) -> None:
+    """A conversation enters the cache when it is first read, not when it is created."""
+    conversation = create(store)
+    assert store.cached_conversation(conversation.id) is None
+    assert store.get_conversation(conversation.id) == conversation
+    assert store.cached_conversation(conversation.id) == conversation
+
+
+def test_cache_follows_every_kind_of_write(store: SqliteStore) -> None:
+    """Events, run transitions, progress and deletion all show in the cached record."""
+    conversation_id = create(store).id
+    store.get_conversation(conversation_id)
+    store.append_event(conversation_id, None, Source.USER, MessagePayload(text="hi"))
+    assert store.cached_conversation(conversation_id) == fresh(store, conversation_id)
+    store.create_run(conversation_id, run_id="r1", activate=True, reason="user")
+    store.transition_run("r1", Trigger.START, reason="started")
+    store.save_progress("r1", steps=3, agent_state={"next_step": 1})
+    cached = store.cached_conversation(conversation_id)
+    assert cached == fresh(store, conversation_id)
+    assert cached is not None and cached.run is not None
+    assert (cached.status, cached.run.steps, cached.event_count) == (Status.RUNNING, 3, 3)
+    store.delete_conversation(conversation_id)
+    assert store.cached_conversation(conversation_id) is None
+
+
+class PausingReadStore(SqliteStore):
+    """Pauses one chosen thread right after it has read a conversation (a gate)."""
+
+    paused_thread: threading.Thread | None = None
+    has_read = threading.Event()
+    resume = threading.Event()
+
+    def _conversation(self, conn: Any, conversation_id: str) -> ConversationRecord:
+        record = super()._conversation(conn, conversation_id)
+        if threading.current_thread() is self.paused_thread:
+            self.has_read.set()
+            self.resume.wait(timeout=10)
+        return record
+
+
+def test_cache_miss_fill_cannot_overwrite_a_newer_write(tmp_path: Path) -> None:
+    """A reader that read before a write committed cannot put its older record in the cache.
+
+    The reader is held between its read and its cache fill while a writer appends; a correct
+    store makes the writer wait for the fill (both hold the write lock), so the writer's
+    refresh comes last.
+    """
+    store = PausingReadStore(tmp_path / "db.sqlite3")
+    try:
+        conversation_id = create(store).id
+        reader = threading.Thread(target=store.get_conversation, args=(conversation_id,))
+        writer_done = threading.Event()
+
+        def write() -> None:
+            store.append_event(conversation_id, None, Source.USER, MessagePayload(text="new"))
+            writer_done.set()
+
+        writer = threading.Thread(target=write)
+        store.paused_thread = reader
+        reader.start()
+        assert store.has_read.wait(timeout=10)
+        writer.start()
+        # A correct store blocks the writer here; a broken one lets it finish at once.
+        writer_done.wait(timeout=0.5)
+        store.resume.set()
+        reader.join()
+        writer.join()
+        assert store.cached_conversation(conversation_id) == fresh(store, conversation_id)
+    finally:
+        store.close()
+
+
+def test_record_cache_evicts_the_oldest_entry() -> None:
+    """Past its capacity the cache forgets the record filled first."""
+    cache = RecordCache(capacity=2)
+    records = [
+        ConversationRecord(
+            id=str(i),
+            title=None,
+            status=Status.IDLE,
+            agent={},
+            max_iterations=1,
+            created_at="2026-01-01T00:00:00Z",
+            updated_at="2026-01-01T00:00:00Z",
+            event_count=0,
+            run=None,
+        )
+        for i in range(3)
+    ]
+    for record in records:
+        cache.put(record)
+    assert (cache.get("0"), cache.get("1"), cache.get("2")) == (None, records[1], records[2])
+    assert len(cache) == 2
