@@ -47,7 +47,7 @@ from app.errors import (
 )
 from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
-from app.records import RunRecord
+from app.records import ConversationRecord, RunRecord
 from app.settings import Settings
 from app.slot_line import SlotLine
 from app.store.base import EventStore
@@ -166,6 +166,16 @@ class RunSupervisor:
     ) -> RunRecord:
         """Admit a run of the conversation and return its record (status ``queued``).
 
+        Errors: as :meth:`admit_run`.
+        """
+        run, _ = await self.admit_run(conversation_id, if_busy=if_busy, reason=reason)
+        return run
+
+    async def admit_run(
+        self, conversation_id: str, *, if_busy: IfBusy = IfBusy.REJECT, reason: str = "user"
+    ) -> tuple[RunRecord, ConversationRecord]:
+        """:meth:`start_run`, also returning the conversation as the admission left it.
+
         Errors:
             :class:`~app.errors.NotFound`; :class:`~app.errors.ConversationBusy` (``reject``
             while a run is active); :class:`~app.errors.RunQueueFull`;
@@ -200,7 +210,7 @@ class RunSupervisor:
         self._nursery.start_soon(
             self._run_task, handle, conversation.agent, conversation.max_iterations
         )
-        return self.with_position(record)
+        return self.with_position(record), conversation
 
     def check_admission(
         self, conversation_id: str | None = None, *, if_busy: IfBusy = IfBusy.ENQUEUE

@@ -52,21 +52,23 @@ async def create_conversation() -> Response:
         raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
     if body.run:
         sup.check_admission()
+    request_hash = None
+    if key is not None:
+        request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     new = NewConversation(
         agent=body.agent,
         title=body.title,
         max_iterations=body.max_iterations or sup.settings.max_iterations,
         initial_message=body.initial_message,
         idempotency_key=key,
-        request_hash=hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest(),
+        request_hash=request_hash,
     )
     conversation, created = await sup.io(sup.store.create_conversation, new)
     headers = {"Location": f"/api/conversations/{conversation.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     elif body.run:
-        await sup.start_run(conversation.id)
-        conversation = await sup.io(sup.store.get_conversation, conversation.id)
+        _, conversation = await sup.admit_run(conversation.id)
     return json_response(present(sup, conversation), 201, headers)
 
 
