@@ -31,6 +31,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from app.agents.registry import AgentRegistry
 from app.settings import Settings, SettingsError, load_settings
 from app.supervisor import RunSupervisor
 from app.web import create_app
@@ -101,10 +102,18 @@ def _refuse_unprotected_bind(host: str) -> None:
 
 
 async def serve(
-    settings: Settings, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    registry: AgentRegistry | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Serve until a signal; drain; return the exit code."""
-    app = create_app(settings)
+    """Serve until a signal; drain; return the exit code.
+
+    Embedders with their own agent kinds can serve them the same way::
+
+        trio.run(functools.partial(serve, load_settings(), registry=my_registry))
+    """
+    app = create_app(settings, registry=registry)
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None

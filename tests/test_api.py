@@ -17,7 +17,7 @@ from app.settings import Settings
 from app.supervisor import RunSupervisor
 from app.testing import Gates, gated_registry
 from app.web import create_app
-from tests.conftest import gated, script
+from tests.conftest import assert_all_returned, gated, script
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,6 +63,7 @@ async def api(settings: Settings, gates: Gates) -> AsyncIterator[Api]:
     app = create_app(settings, registry=gated_registry(gates))
     async with app.test_app() as test_app:
         yield Api(test_app.test_client(), app.extensions["trellis.supervisor"])
+    assert_all_returned(app.extensions["trellis.supervisor"])
 
 
 def assert_error(status: int, body: Any, expected_status: int, code: str) -> None:

@@ -23,6 +23,7 @@ from tests.conftest import script
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
+STUBBORN_SERVER = Path(__file__).parent / "programs" / "stubborn_server.py"
 START_TIMEOUT_SECONDS = 15.0  # generous: a cold interpreter on a busy 2-core CI machine
 SHUTDOWN_GRACE_SECONDS = 10.0  # the default of shutdown_grace_seconds
 
@@ -30,9 +31,10 @@ SHUTDOWN_GRACE_SECONDS = 10.0  # the default of shutdown_grace_seconds
 class Server:
     """One ``python -m app serve`` subprocess and an httpx client pointed at it."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, program: Path | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
-        command = [sys.executable, "-m", "app", "serve", "--port", "0", "--data-dir", str(data_dir)]
+        start = [str(program)] if program else ["-m", "app", "serve"]
+        command = [sys.executable, *start, "--port", "0", "--data-dir", str(data_dir)]
         self.process = subprocess.Popen(
             [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -184,3 +186,42 @@ def test_taken_port_stops_start_up_with_a_message(tmp_path: Path, servers: list[
     assert result.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def start_stubborn_run(server: Server) -> str:
+    """A run whose step blocks where no interrupt reaches (see programs/stubborn_server.py)."""
+    agent = {"kind": "stubborn", "seconds": 30}
+    conversation = server.json("POST", "/api/conversations", json={"agent": agent, "run": True})
+    server.wait_until_running(1)
+    return conversation["id"]  # type: ignore[no-any-return]
+
+
+def test_grace_ran_out_records_runs_and_exits_one(tmp_path: Path, servers: list[Server]) -> None:
+    """A thread that ignores cancellation: after the grace its run is recorded, exit 1."""
+    servers.append(
+        server := Server(tmp_path, "--shutdown-grace-seconds", "0.5", program=STUBBORN_SERVER)
+    )
+    conversation_id = start_stubborn_run(server)
+    code, elapsed, stderr = server.stop(signal.SIGTERM)
+    assert code == 1, stderr
+    assert elapsed < 0.5 + 1
+    assert "did not stop within shutdown_grace_seconds" in stderr
+
+    servers.append(restarted := Server(tmp_path))
+    conversation = restarted.json("GET", f"/api/conversations/{conversation_id}")
+    assert (conversation["status"], conversation["run"]["reason"]) == ("paused", "shutdown")
+
+
+def test_second_signal_forces_exit(tmp_path: Path, servers: list[Server]) -> None:
+    """While a drain waits for a stubborn thread, a second SIGTERM exits at once."""
+    servers.append(server := Server(tmp_path, program=STUBBORN_SERVER))  # grace: 10 s
+    start_stubborn_run(server)
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while server.client.get("/ready").status_code != 503:  # the drain has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    code, elapsed, stderr = server.stop(signal.SIGTERM)
+    assert code == 1, stderr
+    assert elapsed < 2
+    assert "received again: exiting now" in stderr
