@@ -104,17 +104,20 @@ class RunSupervisor:
         For ``nursery.start``: reports started once runs can be admitted.
         """
         touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if touched:
-                log.warning("crash recovery: %d conversation(s) paused", len(touched))
-            if self.settings.resume_on_start:
-                for conversation_id in touched:
-                    await self.start_run(
-                        conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
-                    )
-            task_status.started(self)
-            await self._closing.wait()
+        if touched:
+            log.warning("crash recovery: %d conversation(s) paused", len(touched))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.settings.resume_on_start:
+                    for conversation_id in touched:
+                        await self.start_run(
+                            conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
+                        )
+                task_status.started(self)
+                await self._closing.wait()
+        finally:
+            self._nursery = None  # admits nothing more, however serve() ended
 
     async def aclose(self, reason: str = "shutdown") -> None:
         """Drain, then let :meth:`serve` return. Idempotent."""
