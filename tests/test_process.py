@@ -191,9 +191,14 @@ def test_taken_port_stops_start_up_with_a_message(tmp_path: Path, servers: list[
 def start_stubborn_run(server: Server) -> str:
     """A run whose step blocks where no interrupt reaches (see programs/stubborn_server.py)."""
     agent = {"kind": "stubborn", "seconds": 30}
-    conversation = server.json("POST", "/api/conversations", json={"agent": agent, "run": True})
-    server.wait_until_running(1)
-    return conversation["id"]  # type: ignore[no-any-return]
+    conversation_id: str = server.json(
+        "POST", "/api/conversations", json={"agent": agent, "run": True}
+    )["id"]
+    deadline = time.monotonic() + 10
+    while not any(e["kind"] == "message" for e in events_of(server, conversation_id)):
+        assert time.monotonic() < deadline, "the stubborn step did not start"
+        time.sleep(0.01)
+    return conversation_id
 
 
 def test_grace_ran_out_records_runs_and_exits_one(tmp_path: Path, servers: list[Server]) -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 import trio
 from pydantic import BaseModel
 
-from app import StepContext, StepResult, default_registry, finish, load_settings
+from app import MessagePayload, StepContext, StepResult, default_registry, finish, load_settings
 from app.cli import serve
 
 
@@ -30,6 +30,7 @@ class StubbornAgent:
         self.seconds = spec.seconds
 
     def step(self, ctx: StepContext) -> StepResult:
+        ctx.emit(MessagePayload(text="sleeping"))  # from here on, no cancellation point
         time.sleep(self.seconds)
         return finish()
 
