@@ -89,7 +89,7 @@ def build_rows(r: dict[str, Any]) -> list[Row]:
         Row("  ref: wall time per start (sequential)", f"{cpu['wall_ms_per_start']:.2f} ms",
             "-", "info", f"{cpu['runs']} starts", "-"),
         Row("  ref: server CPU per create, no run", f"{cpu['cpu_ms_per_create_without_run']:.2f}"
-            " ms", "-", "info", f"{cpu['runs']} creates", "-"),
+            " ms", "-", "info", f"{cpu['creates_without_run']} creates", "-"),
         Row("  ref: server CPU per create + run", f"{cpu['cpu_ms_per_create_with_run']:.2f} ms",
             "-", "info", f"{cpu['creates_with_run']} creates", "-"),
         Row("7 queue position = start order", f"{order['mismatches']} mismatches",

@@ -96,6 +96,7 @@ def cpu_per_start(server: TrellisServer, client: RawClient, runs: int) -> dict[s
         "cpu_ms_per_start": cpu_s / started * 1e3,
         "wall_ms_per_start": wall_s / started * 1e3,
         "cpu_ms_per_create_without_run": create_only_cpu_s / runs * 1e3,
+        "creates_without_run": runs,
         "creates_with_run": created_and_started,
         "cpu_ms_per_create_with_run": both_cpu_s / created_and_started * 1e3,
     }
