@@ -96,7 +96,16 @@ def start_conversations(server: Server, count: int) -> list[str]:
 
 
 def events_of(server: Server, conversation_id: str) -> list[dict[str, Any]]:
-    return server.json("GET", f"/api/conversations/{conversation_id}/events?limit=1000")["items"]  # type: ignore[no-any-return]
+    path = f"/api/conversations/{conversation_id}/events?limit=1000"
+    events: list[dict[str, Any]] = server.json("GET", path)["items"]
+    return events
+
+
+def start_and_snapshot(server: Server, count: int, slots: int) -> dict[str, list[Any]]:
+    """Start ``count`` long runs, wait for ``slots`` running; each conversation's events."""
+    ids = start_conversations(server, count)
+    server.wait_until_running(slots)
+    return {cid: events_of(server, cid) for cid in ids}
 
 
 def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
@@ -104,10 +113,8 @@ def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
 ) -> None:
     """SIGTERM with running and queued runs: exit 0 fast, all paused/shutdown, nothing lost."""
     servers.append(server := Server(tmp_path, "--max-concurrent-runs", "3"))
-    ids = start_conversations(server, 5)
-    server.wait_until_running(3)
+    before = start_and_snapshot(server, count=5, slots=3)
     assert server.json("GET", "/api/server")["statistics"]["queued"] == 2
-    before = {cid: events_of(server, cid) for cid in ids}
 
     code, elapsed, stderr = server.stop(signal.SIGTERM)
     assert code == 0, stderr
@@ -115,7 +122,7 @@ def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
     assert "Traceback" not in stderr
 
     servers.append(restarted := Server(tmp_path))
-    for cid in ids:
+    for cid in before:
         conversation = restarted.json("GET", f"/api/conversations/{cid}")
         assert (conversation["status"], conversation["run"]["reason"]) == ("paused", "shutdown")
         after = events_of(restarted, cid)
@@ -130,13 +137,11 @@ def test_sigkill_then_restart_recovers_as_paused_without_losing_events(
 ) -> None:
     """After SIGKILL, a restart finds every committed event and pauses the orphaned runs."""
     servers.append(server := Server(tmp_path, "--max-concurrent-runs", "2"))
-    ids = start_conversations(server, 3)
-    server.wait_until_running(2)
-    before = {cid: events_of(server, cid) for cid in ids}
+    before = start_and_snapshot(server, count=3, slots=2)
     assert server.stop(signal.SIGKILL)[0] == -signal.SIGKILL
 
     servers.append(restarted := Server(tmp_path))
-    for cid in ids:
+    for cid in before:
         conversation = restarted.json("GET", f"/api/conversations/{cid}")
         assert conversation["status"] == "paused"
         assert conversation["run"]["reason"] == "crash_recovery"

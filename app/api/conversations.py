@@ -7,6 +7,7 @@ import json
 
 from quart import Blueprint, Response, request
 
+from app.api import http
 from app.api.http import json_response, parse_body, parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import (
@@ -88,10 +89,7 @@ async def list_conversations() -> Response:
 @documented("A conversation with its current run.", response=ConversationRecord, errors=(404,))
 async def get_conversation(conversation_id: str) -> Response:
     sup = supervisor()
-    conversation = sup.store.cached_conversation(conversation_id)  # no thread hop if cached
-    if conversation is None:
-        conversation = await sup.io(sup.store.get_conversation, conversation_id)
-    return json_response(present(sup, conversation))
+    return json_response(present(sup, await http.get_conversation(sup, conversation_id)))
 
 
 @blueprint.delete("/<conversation_id>")
@@ -112,7 +110,7 @@ async def delete_conversation(conversation_id: str) -> Response:
 async def post_message(conversation_id: str) -> Response:
     sup = supervisor()
     body, _ = await parse_body(PostMessage)
-    await sup.io(sup.store.get_conversation, conversation_id)
+    await http.get_conversation(sup, conversation_id)
     if body.run:
         sup.check_admission(conversation_id, if_busy=body.if_busy)
     event = await sup.io(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from quart import Response, current_app, request
 
 from app.errors import BadRequest, InvalidInput
+from app.records import ConversationRecord
 from app.supervisor import RunSupervisor
 
 M = TypeVar("M", bound=BaseModel)
@@ -24,6 +25,14 @@ def supervisor() -> RunSupervisor:
     """The supervisor of the app serving the current request."""
     sup: RunSupervisor = current_app.extensions["trellis.supervisor"]
     return sup
+
+
+async def get_conversation(sup: RunSupervisor, conversation_id: str) -> ConversationRecord:
+    """The conversation (404 if there is none): a cached record needs no thread hop."""
+    conversation = sup.store.cached_conversation(conversation_id)
+    if conversation is None:
+        conversation = await sup.io(sup.store.get_conversation, conversation_id)
+    return conversation
 
 
 async def read_json_object(*, optional: bool = False) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from app.api.http import json_response, parse_body, parse_query, supervisor
+from app.api.http import get_conversation, json_response, parse_body, parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import ListRuns, RunList, ServerRuns, StartRun, WaitRun
 from app.errors import RequestTimeout
@@ -78,7 +78,7 @@ async def wait_run(conversation_id: str, run_id: str) -> Response:
 )
 async def pause(conversation_id: str) -> Response:
     sup = supervisor()
-    await sup.io(sup.store.get_conversation, conversation_id)
+    await get_conversation(sup, conversation_id)  # 404 before 409
     return json_response(await sup.pause(conversation_id), 202)
 
 
@@ -91,7 +91,7 @@ async def pause(conversation_id: str) -> Response:
 )
 async def interrupt(conversation_id: str) -> Response:
     sup = supervisor()
-    await sup.io(sup.store.get_conversation, conversation_id)
+    await get_conversation(sup, conversation_id)  # 404 before 409
     return json_response(await sup.interrupt(conversation_id), 202)
 
 
