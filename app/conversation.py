@@ -29,9 +29,18 @@ import trio
 
 from app.agents.base import Agent
 from app.agents.registry import AgentRegistry
-from app.events import ErrorPayload, Event, Payload, Source
+from app.events import (
+    ActionPayload,
+    ErrorPayload,
+    Event,
+    ObservationPayload,
+    Payload,
+    Source,
+)
 from app.lifecycle import Trigger
 from app.store.base import EventQuery, EventStore
+from app.tools.base import ToolEnvironment, ToolResult
+from app.tools.calls import ToolCall, ToolRegistry, execute_calls
 from app.tools.parallel import run_in_tool_threads
 
 T = TypeVar("T")
@@ -63,6 +72,8 @@ class RunContext:
     max_iterations: int
     tool_limiter: trio.CapacityLimiter
     control: RunControl
+    tools: ToolRegistry
+    tool_env: ToolEnvironment
     state: dict[str, Any] = field(default_factory=dict)
 
     def history(self) -> list[Event]:
@@ -89,6 +100,26 @@ class RunContext:
     def run_tools(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         return trio.from_thread.run(run_in_tool_threads, calls, self.tool_limiter)
 
+    def call_tools(self, calls: Sequence[ToolCall], max_parallel: int = 4) -> list[ToolResult]:
+        for call in calls:
+            arguments = (
+                call.arguments if isinstance(call.arguments, dict) else {"raw": call.arguments}
+            )
+            self.emit(ActionPayload(call_id=call.call_id, tool=call.tool, arguments=arguments))
+        results = trio.from_thread.run(
+            execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel)
+        )
+        for call, result in zip(calls, results, strict=True):
+            observation = ObservationPayload(
+                call_id=call.call_id,
+                tool=call.tool,
+                content=result.content,
+                is_error=result.is_error,
+                data=result.data,
+            )
+            self.emit(observation, Source.TOOL)
+        return results
+
     def check_cancelled(self) -> None:
         trio.from_thread.check_cancelled()
 
@@ -109,6 +140,7 @@ def run_conversation(ctx: RunContext) -> None:
     try:
         ctx.check_cancelled()
         store.transition_run(run_id, Trigger.START, reason="started")
+        ctx.tool_env.workspace.mkdir(parents=True, exist_ok=True)
         ctx.state = store.get_agent_state(ctx.conversation_id)
         _loop(ctx, ctx.registry.create(ctx.agent_spec))
     except BaseException as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -50,10 +50,35 @@ class ErrorPayload(BaseModel):
     error_type: str
 
 
-Payload = Annotated[MessagePayload | StatusPayload | ErrorPayload, Field(discriminator="kind")]
+class ActionPayload(BaseModel):
+    """The agent calls a tool. ``call_id`` pairs it with its observation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["action"] = "action"
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+
+
+class ObservationPayload(BaseModel):
+    """What a tool call returned (``content`` is what the model sees)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["observation"] = "observation"
+    call_id: str
+    tool: str
+    content: str
+    is_error: bool = False
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+Payload = Annotated[
+    MessagePayload | StatusPayload | ErrorPayload | ActionPayload | ObservationPayload,
+    Field(discriminator="kind"),
+]
 
 #: The ``kind`` values that exist, for validating search filters.
-EVENT_KINDS: tuple[str, ...] = ("message", "status", "error")
+EVENT_KINDS: tuple[str, ...] = ("message", "status", "error", "action", "observation")
 
 
 class Event(BaseModel):
@@ -83,6 +108,10 @@ def searchable_text(payload: Payload) -> str:
             return f"{error_type}: {message}"
         case StatusPayload(status=status, reason=reason):
             return f"{status.value} {reason}"
+        case ActionPayload(tool=tool, arguments=arguments):
+            return f"{tool} {' '.join(str(value) for value in arguments.values())}"
+        case ObservationPayload(tool=tool, content=content):
+            return f"{tool} {content}"
     raise TypeError(f"no search text for {type(payload).__name__}")  # pragma: no cover
 
 

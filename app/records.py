@@ -40,6 +40,8 @@ class ConversationRecord(BaseModel):
     status: Status
     agent: dict[str, Any]
     max_iterations: int
+    #: The directory (under ``workspaces_dir``) where this conversation's tools work.
+    workspace: str
     created_at: datetime
     updated_at: datetime
     event_count: int

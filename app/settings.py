@@ -44,6 +44,13 @@ class Settings(BaseModel):
     io_threads: int = Field(8, ge=1, le=256)
     tool_threads: int = Field(16, ge=1, le=1024)
 
+    workspaces_dir: Path = Field(
+        Path("workspaces"), description="Conversation workspaces; relative to data_dir."
+    )
+    command_timeout_seconds: float = Field(120.0, gt=0, le=86_400)
+    max_command_timeout_seconds: float = Field(600.0, gt=0, le=86_400)
+    max_tool_output_bytes: int = Field(32_768, ge=1024, le=16 * 1024 * 1024)
+
     max_iterations: int = Field(100, ge=1, le=1_000_000)
     queue_full_retry_after_seconds: int = Field(5, ge=1, le=3600)
     shutdown_grace_seconds: float = Field(10.0, gt=0, le=3600)
@@ -55,6 +62,11 @@ class Settings(BaseModel):
     def database_path(self) -> Path:
         """The one SQLite file that holds conversations, runs and events."""
         return self.data_dir / "trellis.sqlite3"
+
+    @property
+    def workspaces_path(self) -> Path:
+        """The directory holding one workspace directory per conversation (or name)."""
+        return self.data_dir / self.workspaces_dir  # an absolute workspaces_dir wins
 
 
 def load_settings(

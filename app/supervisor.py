@@ -51,6 +51,8 @@ from app.records import ConversationRecord, RunRecord
 from app.settings import Settings
 from app.slot_line import SlotLine
 from app.store.base import EventStore
+from app.tools.base import ToolEnvironment
+from app.tools.calls import ToolRegistry, default_tools
 
 T = TypeVar("T")
 log = logging.getLogger("trellis.supervisor")
@@ -66,11 +68,16 @@ class RunSupervisor:
     supervisor.serve)``); all methods are called from the Trio thread."""
 
     def __init__(
-        self, settings: Settings, store: EventStore, registry: AgentRegistry | None = None
+        self,
+        settings: Settings,
+        store: EventStore,
+        registry: AgentRegistry | None = None,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry or default_registry()
+        self.tools = tools or default_tools()
         self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
         self.io_limiter = trio.CapacityLimiter(settings.io_threads)
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
@@ -210,9 +217,7 @@ class RunSupervisor:
                 self._unregister(handle)
                 raise
         assert self._nursery is not None
-        self._nursery.start_soon(
-            self._run_task, handle, conversation.agent, conversation.max_iterations
-        )
+        self._nursery.start_soon(self._run_task, handle, conversation)
         return self.with_position(record), conversation
 
     def check_admission(
@@ -255,9 +260,7 @@ class RunSupervisor:
 
     # -- the run task --------------------------------------------------------------------
 
-    async def _run_task(
-        self, handle: RunHandle, agent_spec: dict[str, Any], max_iterations: int
-    ) -> None:
+    async def _run_task(self, handle: RunHandle, conversation: ConversationRecord) -> None:
         """Wait for the conversation, then for a slot, then run the thread; always record.
 
         Catches ``Exception`` (logged and recorded on the run) so that one failing run
@@ -268,11 +271,13 @@ class RunSupervisor:
             store=self.store,
             conversation_id=handle.conversation_id,
             run_id=handle.run_id,
-            agent_spec=agent_spec,
+            agent_spec=conversation.agent,
             registry=self.registry,
-            max_iterations=max_iterations,
+            max_iterations=conversation.max_iterations,
             tool_limiter=self.tool_limiter,
             control=handle.control,
+            tools=self.tools,
+            tool_env=self._tool_environment(conversation),
         )
         try:
             with handle.cancel_scope:
@@ -287,6 +292,16 @@ class RunSupervisor:
                     handle, Trigger.STOP, handle.control.stop_reason or "shutdown"
                 )
             self._unregister(handle)
+
+    def _tool_environment(self, conversation: ConversationRecord) -> ToolEnvironment:
+        settings = self.settings
+        return ToolEnvironment(
+            workspace=settings.workspaces_path / conversation.workspace,
+            tool_limiter=self.tool_limiter,
+            command_timeout_seconds=settings.command_timeout_seconds,
+            max_command_timeout_seconds=settings.max_command_timeout_seconds,
+            max_output_bytes=settings.max_tool_output_bytes,
+        )
 
     async def _wait_for_turn(self, handle: RunHandle) -> None:
         if handle.previous is not None:
@@ -457,14 +472,18 @@ class RunSupervisor:
 
 @asynccontextmanager
 async def open_run_supervisor(
-    settings: Settings, store: EventStore, *, registry: AgentRegistry | None = None
+    settings: Settings,
+    store: EventStore,
+    *,
+    registry: AgentRegistry | None = None,
+    tools: ToolRegistry | None = None,
 ) -> AsyncIterator[RunSupervisor]:
     """Run a :class:`RunSupervisor` for the duration of the block, in any Trio program.
 
     On exit (normal, error or cancellation) every run is stopped with reason ``shutdown``
     and joined: no run thread outlives the block.
     """
-    supervisor = RunSupervisor(settings, store, registry)
+    supervisor = RunSupervisor(settings, store, registry, tools)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.serve)
         try:

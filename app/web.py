@@ -24,10 +24,14 @@ from app.api.errors import register_error_handlers
 from app.settings import Settings
 from app.store.sqlite import SqliteStore
 from app.supervisor import RunSupervisor
+from app.tools.calls import ToolRegistry
 
 
 def create_app(
-    settings: Settings | None = None, *, registry: AgentRegistry | None = None
+    settings: Settings | None = None,
+    *,
+    registry: AgentRegistry | None = None,
+    tools: ToolRegistry | None = None,
 ) -> QuartTrio:
     """Build the app. Nothing is opened until the app starts serving."""
     settings = settings or Settings()
@@ -45,7 +49,7 @@ def create_app(
         store = await trio.to_thread.run_sync(
             SqliteStore, settings.database_path, limiter=trio.CapacityLimiter(1)
         )
-        supervisor = RunSupervisor(settings, store, registry)
+        supervisor = RunSupervisor(settings, store, registry, tools)
         app.extensions["trellis.supervisor"] = supervisor
         await app.nursery.start(supervisor.serve)
 

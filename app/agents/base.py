@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from app.events import Event, Payload, Source
+from app.tools.base import ToolResult
+from app.tools.calls import ToolCall
 
 T = TypeVar("T")
 
@@ -74,6 +76,12 @@ class StepContext(Protocol):
 
     def run_tools(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         """Run blocking calls in parallel on the tool limiter; results in call order."""
+        ...
+
+    def call_tools(self, calls: Sequence[ToolCall], max_parallel: int = 4) -> list[ToolResult]:
+        """Run tool calls (validated; at most ``max_parallel`` at once) and return their
+        results in call order. Records an ``action`` event per call before, and an
+        ``observation`` event per result after. Cancelled together with the run."""
         ...
 
     def check_cancelled(self) -> None:

@@ -10,6 +10,11 @@ the run thread (interruptible); ``fail`` raises inside the step (the run ends ``
 ``finish`` ends the run ``finished`` with its text as the agent's last message. A run that
 executes the last step finishes.
 
+Tools without a model: ``{"tool": "terminal", "args": {"command": "ls"}}`` calls one tool;
+a *list* of such objects is one step whose calls run in parallel (results in call order).
+Each call is recorded as an ``action`` and an ``observation`` event; a ``finish`` tool call
+ends the run.
+
 Resuming: the index of the next step lives in the conversation's agent state, saved after
 each *completed* step. A new run continues where the previous run stopped; a step that was
 interrupted or failed was not completed, so it runs again. Once the script has finished, a
@@ -24,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.agents.base import CONTINUE, StepContext, StepResult, finish
 from app.events import MessagePayload
+from app.tools.calls import ToolCall
 
 MAX_SLEEP_SECONDS = 86_400.0  # one day: longer is surely a typo in a script
 
@@ -52,11 +58,19 @@ class FinishStep(_Step):
     finish: str = Field(max_length=100_000)
 
 
-_STEP_KEYS = ("say", "sleep", "fail", "finish")
+class ToolStep(_Step):
+    tool: str = Field(min_length=1, max_length=100)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+_STEP_KEYS = ("say", "sleep", "fail", "finish", "tool")
+MAX_PARALLEL_SCRIPT_TOOLS = 16  # a list step runs at most this many calls at once
 
 
 def _step_key(value: Any) -> str | None:
-    """The discriminator: which of the four keys a step has (None → a clear error)."""
+    """The discriminator: which key a step has, or "tools" for a list (None → an error)."""
+    if isinstance(value, list):
+        return "tools"
     if isinstance(value, dict):
         keys = [key for key in _STEP_KEYS if key in value]
         return keys[0] if len(keys) == 1 else None
@@ -67,11 +81,16 @@ ScriptStep = Annotated[
     Annotated[SayStep, Tag("say")]
     | Annotated[SleepStep, Tag("sleep")]
     | Annotated[FailStep, Tag("fail")]
-    | Annotated[FinishStep, Tag("finish")],
+    | Annotated[FinishStep, Tag("finish")]
+    | Annotated[ToolStep, Tag("tool")]
+    | Annotated[list[ToolStep], Tag("tools"), Field(min_length=1, max_length=64)],
     Discriminator(
         _step_key,
         custom_error_type="invalid_step",
-        custom_error_message="a step is an object with exactly one of: say, sleep, fail, finish",
+        custom_error_message=(
+            "a step is an object with exactly one of: say, sleep, fail, finish, tool;"
+            " or a list of tool steps"
+        ),
     ),
 ]
 
@@ -106,4 +125,23 @@ class ScriptAgent:
                 ctx.emit(MessagePayload(text=text))
                 ctx.state["next_step"] = 0
                 return finish(text)
+            case ToolStep() | list():
+                done = self._call_tools(ctx, index, step if isinstance(step, list) else [step])
+                if done is not None:
+                    ctx.state["next_step"] = 0
+                    return done
         return finish() if last else CONTINUE
+
+    @staticmethod
+    def _call_tools(ctx: StepContext, index: int, steps: list[ToolStep]) -> StepResult | None:
+        """Run the step's calls; a ``finish`` call ends the run with its message."""
+        calls = [
+            ToolCall(call_id=f"{ctx.run_id}:{index}:{n}", tool=step.tool, arguments=step.args)
+            for n, step in enumerate(steps)
+        ]
+        for result in ctx.call_tools(calls, max_parallel=MAX_PARALLEL_SCRIPT_TOOLS):
+            if result.data.get("finish"):
+                message = str(result.data.get("message", ""))
+                ctx.emit(MessagePayload(text=message))
+                return finish(message)
+        return None

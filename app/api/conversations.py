@@ -61,6 +61,7 @@ async def create_conversation() -> Response:
         title=body.title,
         max_iterations=body.max_iterations or sup.settings.max_iterations,
         initial_message=body.initial_message,
+        workspace=body.workspace,
         idempotency_key=key,
         request_hash=request_hash,
     )

@@ -62,6 +62,7 @@ class NewConversation:
     title: str | None
     max_iterations: int
     initial_message: str | None = None
+    workspace: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
 

@@ -84,6 +84,7 @@ def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
         status=row["status"],
         agent=json.loads(row["agent"]),
         max_iterations=row["max_iterations"],
+        workspace=row["workspace"] or row["id"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         event_count=row["last_seq"],

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     agent           TEXT NOT NULL,                      -- JSON agent spec
     agent_state     TEXT NOT NULL DEFAULT '{}',         -- JSON, owned by the agent kind
     max_iterations  INTEGER NOT NULL,
+    workspace       TEXT,                               -- directory name; null = the id
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
     last_seq        INTEGER NOT NULL DEFAULT 0,         -- seq of the newest event = count

@@ -143,13 +143,14 @@ class SqliteStore:
             now = utc_now().isoformat()
             conn.execute(
                 "INSERT INTO conversations (id, title, status, agent, max_iterations,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " workspace, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation_id,
                     new.title,
                     Status.IDLE.value,
                     json.dumps(new.agent),
                     new.max_iterations,
+                    new.workspace,
                     now,
                     now,
                 ),

@@ -1,0 +1,125 @@
+"""Executing the tool calls of one step: validated, in parallel, results in call order.
+
+A model's output is not trusted: an unknown tool name, arguments that are not JSON or do
+not fit the tool's schema become an *error observation* telling the model what was wrong —
+the run goes on. Only cancellation (and bugs) propagate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from pydantic import ValidationError
+
+from app.tools.base import Tool, ToolEnvironment, ToolResult
+
+log = logging.getLogger("trellis.tools")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call as the agent asked for it; ``arguments`` may still be raw JSON text."""
+
+    call_id: str
+    tool: str
+    arguments: dict[str, Any] | str
+
+
+class ToolRegistry:
+    """Tools by name; what a run may call and what the model is told about."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.register(tool)
+
+    def __repr__(self) -> str:
+        return f"<ToolRegistry {sorted(self._tools)}>"
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def register(self, tool: Tool) -> None:
+        """Errors: ``ValueError`` if the name is taken."""
+        if tool.name in self._tools:
+            raise ValueError(f"tool {tool.name!r} is already registered")
+        self._tools[tool.name] = tool
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def schema(self, name: str) -> dict[str, Any]:
+        """The OpenAI-style function description of one tool."""
+        tool = self._tools[name]
+        return {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.Arguments.model_json_schema(),
+            },
+        }
+
+
+def default_tools() -> ToolRegistry:
+    """The built-in tools: ``terminal``, ``file_editor`` and ``finish``."""
+    from app.tools.file_editor import FileEditorTool
+    from app.tools.finish import FinishTool
+    from app.tools.terminal import TerminalTool
+
+    return ToolRegistry([TerminalTool(), FileEditorTool(), FinishTool()])
+
+
+async def execute_calls(
+    calls: Sequence[ToolCall], registry: ToolRegistry, env: ToolEnvironment, max_parallel: int
+) -> list[ToolResult]:
+    """Run ``calls`` concurrently, at most ``max_parallel`` at once; results in call order.
+
+    Each tool also holds a token of ``env.tool_limiter`` (server-wide) while it runs.
+
+    Cancellation:
+        Cancelling the caller cancels every call; calls not yet started never start.
+    """
+    results: list[ToolResult | None] = [None] * len(calls)
+    per_step = trio.CapacityLimiter(max_parallel)
+
+    async def run_one(index: int, call: ToolCall) -> None:
+        async with per_step:
+            results[index] = await execute_one(call, registry, env)
+
+    async with trio.open_nursery() as nursery:
+        for index, call in enumerate(calls):
+            nursery.start_soon(run_one, index, call)
+    return [result for result in results if result is not None]
+
+
+async def execute_one(call: ToolCall, registry: ToolRegistry, env: ToolEnvironment) -> ToolResult:
+    """One call; whatever the model got wrong comes back as an error result."""
+    tool = registry.get(call.tool)
+    if tool is None:
+        return ToolResult(
+            f"unknown tool {call.tool!r}; the tools are: {', '.join(registry.names)}",
+            is_error=True,
+        )
+    try:
+        raw = json.loads(call.arguments) if isinstance(call.arguments, str) else call.arguments
+        arguments = tool.Arguments.model_validate(raw)
+    except json.JSONDecodeError as exc:
+        return ToolResult(f"the arguments of {call.tool} are not valid JSON: {exc}", is_error=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'arguments'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        return ToolResult(f"invalid arguments for {call.tool}: {problems}", is_error=True)
+    try:
+        return await tool.run(arguments, env)
+    except Exception as exc:  # a bug in the tool: tell the model, keep the run alive
+        log.exception("tool %s failed", call.tool)
+        return ToolResult(f"the tool {call.tool} failed: {exc}", is_error=True)
