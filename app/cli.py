@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import hypercorn.trio
@@ -39,6 +40,9 @@ from app.web import create_app
 log = logging.getLogger("trellis")
 
 
+_FLAG_TYPES = (str, int, float, bool, Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a TOML file shaped like config/default.toml")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        if field.annotation not in _FLAG_TYPES:
+            continue  # lists and tables ([llm]): in the TOML file or TRELLIS_* variables
         if field.annotation is bool:
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:

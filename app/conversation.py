@@ -21,7 +21,7 @@ or ``error``) is committed *by this thread before it returns*.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -100,14 +100,22 @@ class RunContext:
     def run_tools(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         return trio.from_thread.run(run_in_tool_threads, calls, self.tool_limiter)
 
-    def call_tools(self, calls: Sequence[ToolCall], max_parallel: int = 4) -> list[ToolResult]:
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        return self.tools.schema(name) if self.tools.get(name) is not None else None
+
+    def call_tools(
+        self,
+        calls: Sequence[ToolCall],
+        max_parallel: int = 4,
+        allowed: Collection[str] | None = None,
+    ) -> list[ToolResult]:
         for call in calls:
             arguments = (
                 call.arguments if isinstance(call.arguments, dict) else {"raw": call.arguments}
             )
             self.emit(ActionPayload(call_id=call.call_id, tool=call.tool, arguments=arguments))
         results = trio.from_thread.run(
-            execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel)
+            execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel), allowed
         )
         for call, result in zip(calls, results, strict=True):
             observation = ObservationPayload(

@@ -72,13 +72,37 @@ class ObservationPayload(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class LLMCallPayload(BaseModel):
+    """One request to a language model: its token usage (summed on the conversation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["llm_call"] = "llm_call"
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: float
+    finish_reason: str | None = None
+
+
 Payload = Annotated[
-    MessagePayload | StatusPayload | ErrorPayload | ActionPayload | ObservationPayload,
+    MessagePayload
+    | StatusPayload
+    | ErrorPayload
+    | ActionPayload
+    | ObservationPayload
+    | LLMCallPayload,
     Field(discriminator="kind"),
 ]
 
 #: The ``kind`` values that exist, for validating search filters.
-EVENT_KINDS: tuple[str, ...] = ("message", "status", "error", "action", "observation")
+EVENT_KINDS: tuple[str, ...] = (
+    "message",
+    "status",
+    "error",
+    "action",
+    "observation",
+    "llm_call",
+)
 
 
 class Event(BaseModel):
@@ -112,6 +136,8 @@ def searchable_text(payload: Payload) -> str:
             return f"{tool} {' '.join(str(value) for value in arguments.values())}"
         case ObservationPayload(tool=tool, content=content):
             return f"{tool} {content}"
+        case LLMCallPayload(model=model, finish_reason=finish_reason):
+            return f"{model} {finish_reason or ''}"
     raise TypeError(f"no search text for {type(payload).__name__}")  # pragma: no cover
 
 

@@ -31,6 +31,14 @@ class RunRecord(BaseModel):
     error: str | None
 
 
+class Usage(BaseModel):
+    """Language-model tokens used by a conversation, over all its runs."""
+
+    model_config = ConfigDict(frozen=True)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class ConversationRecord(BaseModel):
     """A conversation with its latest run (``run``), or ``None`` before the first one."""
 
@@ -45,4 +53,5 @@ class ConversationRecord(BaseModel):
     created_at: datetime
     updated_at: datetime
     event_count: int
+    usage: Usage = Usage()
     run: RunRecord | None

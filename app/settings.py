@@ -11,6 +11,7 @@ Errors:
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -24,6 +25,21 @@ CONFIG_ENV_VAR = "TRELLIS_CONFIG"
 
 class SettingsError(ValueError):
     """A setting is unknown or has a bad value; the message names every offending key."""
+
+
+class LLMSettings(BaseModel):
+    """Server-side defaults of the ``llm`` agent kind (the ``[llm]`` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field("http://127.0.0.1:8080/v1", pattern=r"^https?://")
+    model: str = Field("default", min_length=1)
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    max_retries: int = Field(4, ge=0, le=20)
+    request_timeout_seconds: float = Field(120.0, gt=0, le=3600)
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    backoff_base_seconds: float = Field(0.5, ge=0, le=60)
+    backoff_max_seconds: float = Field(30.0, ge=0, le=3600)
 
 
 class Settings(BaseModel):
@@ -50,6 +66,10 @@ class Settings(BaseModel):
     command_timeout_seconds: float = Field(120.0, gt=0, le=86_400)
     max_command_timeout_seconds: float = Field(600.0, gt=0, le=86_400)
     max_tool_output_bytes: int = Field(32_768, ge=1024, le=16 * 1024 * 1024)
+    command_env_passthrough: list[str] = Field(
+        default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR"],
+        description="Environment variables the terminal tool's commands inherit.",
+    )
 
     max_iterations: int = Field(100, ge=1, le=1_000_000)
     queue_full_retry_after_seconds: int = Field(5, ge=1, le=3600)
@@ -57,6 +77,7 @@ class Settings(BaseModel):
     resume_on_start: bool = False
     max_request_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    llm: LLMSettings = Field(default_factory=LLMSettings)
 
     @property
     def database_path(self) -> Path:
@@ -114,8 +135,12 @@ def _read_environ(environ: dict[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV_VAR:
             continue
         key = name.removeprefix(ENV_PREFIX).lower()
-        if key in known:
-            values[key] = value
+        table, _, sub_key = key.partition("__")  # TRELLIS_LLM__MODEL → [llm] model
+        if sub_key and table in known:
+            values.setdefault(table, {})[sub_key] = value
+        elif key in known:
+            # A list setting takes a JSON array: TRELLIS_COMMAND_ENV_PASSTHROUGH='["PATH"]'.
+            values[key] = _json_array_or_text(value)
         else:
             unknown.append(name)
     if unknown:
@@ -123,6 +148,15 @@ def _read_environ(environ: dict[str, str]) -> dict[str, Any]:
             "; ".join(f"{name}: unknown setting (see config/default.toml)" for name in unknown)
         )
     return values
+
+
+def _json_array_or_text(value: str) -> Any:
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # left as text: validation names the setting
+    return value
 
 
 def _describe(exc: ValidationError) -> str:

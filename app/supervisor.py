@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -76,7 +77,7 @@ class RunSupervisor:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.registry = registry or default_registry()
+        self.registry = registry or default_registry(settings.llm)
         self.tools = tools or default_tools()
         self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
         self.io_limiter = trio.CapacityLimiter(settings.io_threads)
@@ -301,6 +302,11 @@ class RunSupervisor:
             command_timeout_seconds=settings.command_timeout_seconds,
             max_command_timeout_seconds=settings.max_command_timeout_seconds,
             max_output_bytes=settings.max_tool_output_bytes,
+            command_env={
+                name: os.environ[name]
+                for name in settings.command_env_passthrough
+                if name in os.environ
+            },
         )
 
     async def _wait_for_turn(self, handle: RunHandle) -> None:

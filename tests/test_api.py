@@ -22,8 +22,8 @@ from tests.conftest import assert_all_returned, gated, script
 pytestmark = pytest.mark.timeout(30)
 
 CONVERSATION_KEYS = {
-    "id", "title", "status", "agent", "max_iterations", "created_at", "updated_at",
-    "event_count", "run",
+    "id", "title", "status", "agent", "max_iterations", "workspace", "created_at",
+    "updated_at", "event_count", "usage", "run",
 }  # fmt: skip
 RUN_KEYS = {
     "id", "conversation_id", "status", "reason", "queue_position", "queued_at", "started_at",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 import app.cli
 from app.settings import Settings, SettingsError, load_settings
@@ -51,6 +52,8 @@ def test_default_toml_value_equals_settings_default(documented: dict[str, Any], 
     value = documented[name]
     if isinstance(default, Path):  # "./data" and Path("./data") -> "data": compare normalized
         assert str(Path(value)) == str(default)
+    elif isinstance(default, BaseModel):  # a [table]: every key documented, same values
+        assert value == default.model_dump()
     else:
         assert type(value) is type(default)
         assert value == default
@@ -231,3 +234,13 @@ def test_cli_main_serves_loopback_with_flags(no_serve: list[Settings], host: str
     [settings] = no_serve
     assert (settings.host, settings.port, settings.max_concurrent_runs) == (host, 0, 3)
     assert settings.resume_on_start is True
+
+
+def test_load_settings_environ_sets_a_table_key() -> None:
+    """TRELLIS_LLM__MODEL sets [llm] model; an unknown table key is an error naming it."""
+    settings = load_settings(
+        environ={"TRELLIS_LLM__MODEL": "gpt-x", "TRELLIS_LLM__MAX_RETRIES": "2"}
+    )
+    assert (settings.llm.model, settings.llm.max_retries) == ("gpt-x", 2)
+    with pytest.raises(SettingsError, match=r"llm\.colour: unknown setting"):
+        load_settings(environ={"TRELLIS_LLM__COLOUR": "red"})

@@ -109,6 +109,7 @@ def test_record_cache_evicts_the_oldest_entry() -> None:
             status=Status.IDLE,
             agent={},
             max_iterations=1,
+            workspace=str(i),
             created_at="2026-01-01T00:00:00Z",
             updated_at="2026-01-01T00:00:00Z",
             event_count=0,

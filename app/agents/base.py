@@ -19,7 +19,7 @@ Errors:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -78,10 +78,20 @@ class StepContext(Protocol):
         """Run blocking calls in parallel on the tool limiter; results in call order."""
         ...
 
-    def call_tools(self, calls: Sequence[ToolCall], max_parallel: int = 4) -> list[ToolResult]:
+    def call_tools(
+        self,
+        calls: Sequence[ToolCall],
+        max_parallel: int = 4,
+        allowed: Collection[str] | None = None,
+    ) -> list[ToolResult]:
         """Run tool calls (validated; at most ``max_parallel`` at once) and return their
         results in call order. Records an ``action`` event per call before, and an
-        ``observation`` event per result after. Cancelled together with the run."""
+        ``observation`` event per result after. A tool not in ``allowed`` (when given) gets
+        an error result, like an unknown one. Cancelled together with the run."""
+        ...
+
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        """The function description the model gets for tool ``name`` (None: no such tool)."""
         ...
 
     def check_cancelled(self) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.agents.base import Agent
 from app.errors import InvalidInput
+from app.settings import LLMSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +79,13 @@ class AgentRegistry:
         return self._kinds[str(spec["kind"])].factory(validated)
 
 
-def default_registry() -> AgentRegistry:
-    """A registry with the built-in kinds (``script``)."""
+def default_registry(llm: LLMSettings | None = None) -> AgentRegistry:
+    """A registry with the built-in kinds: ``script``, and ``llm`` with ``llm`` defaults."""
+    from app.agents.llm import LLMAgent, LLMSpec
     from app.agents.script import ScriptAgent, ScriptSpec
 
+    defaults = llm or LLMSettings()
     registry = AgentRegistry()
     registry.register("script", ScriptSpec, ScriptAgent)
+    registry.register("llm", LLMSpec, lambda spec: LLMAgent(spec, defaults))
     return registry

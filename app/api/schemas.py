@@ -28,9 +28,9 @@ class CreateConversation(_Strict):
     title: str | None = Field(None, max_length=200)
     initial_message: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     max_iterations: int | None = Field(None, ge=1, le=1_000_000)
-    #: A directory name under workspaces_dir, shared by conversations that name it;
-    #: default: a directory of the conversation's own.
-    workspace: str | None = Field(None, pattern=r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,100}$")
+    #: A directory name under workspaces_dir (no leading dot, no slash), shared by the
+    #: conversations that name it; default: a directory of the conversation's own.
+    workspace: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
     run: bool = False
 
 

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 from app.errors import InvalidInput
 from app.events import Event, Payload
 from app.lifecycle import Status
-from app.records import ConversationRecord, RunRecord
+from app.records import ConversationRecord, RunRecord, Usage
 from app.store.base import EventQuery, Order
 
 _payload_adapter: TypeAdapter[Payload] = TypeAdapter(Payload)
@@ -88,6 +88,7 @@ def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         event_count=row["last_seq"],
+        usage=Usage(prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"]),
         run=run,
     )
 

@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
     last_seq        INTEGER NOT NULL DEFAULT 0,         -- seq of the newest event = count
+    prompt_tokens   INTEGER NOT NULL DEFAULT 0,         -- summed over llm_call events
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
     current_run_id  TEXT
 );
 CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations (status, n);

@@ -24,6 +24,7 @@ from typing import Any
 from app.errors import IdempotencyKeyReused, NotFound
 from app.events import (
     Event,
+    LLMCallPayload,
     MessagePayload,
     Payload,
     Source,
@@ -397,11 +398,17 @@ class SqliteStore:
         """Insert one event with the next ``seq``; a status payload also sets the status."""
         now = utc_now()
         status = payload.status.value if isinstance(payload, StatusPayload) else None
+        tokens = (
+            (payload.prompt_tokens, payload.completion_tokens)
+            if isinstance(payload, LLMCallPayload)
+            else (0, 0)
+        )
         row = conn.execute(
             "UPDATE conversations SET last_seq = last_seq + 1, updated_at = ?,"
-            " status = COALESCE(?, status), current_run_id = COALESCE(?, current_run_id)"
+            " status = COALESCE(?, status), current_run_id = COALESCE(?, current_run_id),"
+            " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
             " WHERE id = ? RETURNING last_seq",
-            (now.isoformat(), status, current_run_id, conversation_id),
+            (now.isoformat(), status, current_run_id, *tokens, conversation_id),
         ).fetchone()
         if row is None:
             raise _conversation_not_found(conversation_id)

@@ -37,6 +37,10 @@ class ToolEnvironment:
     command_timeout_seconds: float = 120.0
     max_command_timeout_seconds: float = 600.0
     max_output_bytes: int = 32_768
+    #: The environment commands run with: only what the server lets through, so that
+    #: secrets of the server's own environment (the model API key) never reach a command,
+    #: its output, or the events that record it.
+    command_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

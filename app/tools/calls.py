@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,11 @@ def default_tools() -> ToolRegistry:
 
 
 async def execute_calls(
-    calls: Sequence[ToolCall], registry: ToolRegistry, env: ToolEnvironment, max_parallel: int
+    calls: Sequence[ToolCall],
+    registry: ToolRegistry,
+    env: ToolEnvironment,
+    max_parallel: int,
+    allowed: Collection[str] | None = None,
 ) -> list[ToolResult]:
     """Run ``calls`` concurrently, at most ``max_parallel`` at once; results in call order.
 
@@ -91,7 +95,7 @@ async def execute_calls(
 
     async def run_one(index: int, call: ToolCall) -> None:
         async with per_step:
-            results[index] = await execute_one(call, registry, env)
+            results[index] = await execute_one(call, registry, env, allowed)
 
     async with trio.open_nursery() as nursery:
         for index, call in enumerate(calls):
@@ -99,13 +103,18 @@ async def execute_calls(
     return [result for result in results if result is not None]
 
 
-async def execute_one(call: ToolCall, registry: ToolRegistry, env: ToolEnvironment) -> ToolResult:
+async def execute_one(
+    call: ToolCall,
+    registry: ToolRegistry,
+    env: ToolEnvironment,
+    allowed: Collection[str] | None = None,
+) -> ToolResult:
     """One call; whatever the model got wrong comes back as an error result."""
-    tool = registry.get(call.tool)
+    names = [name for name in registry.names if allowed is None or name in allowed]
+    tool = registry.get(call.tool) if call.tool in names else None
     if tool is None:
         return ToolResult(
-            f"unknown tool {call.tool!r}; the tools are: {', '.join(registry.names)}",
-            is_error=True,
+            f"unknown tool {call.tool!r}; the tools are: {', '.join(names)}", is_error=True
         )
     try:
         raw = json.loads(call.arguments) if isinstance(call.arguments, str) else call.arguments

@@ -1,0 +1,225 @@
+"""The ``llm`` agent against a real local HTTP server standing in for the model provider."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from app.events import Event
+from app.lifecycle import Status
+from app.settings import LLMSettings, Settings
+from app.store import EventQuery, SqliteStore
+from app.supervisor import RunSupervisor, open_run_supervisor
+from app.testing_llm import FakeChatServer, error_reply, text_reply, tool_call_reply
+from tests.conftest import assert_all_returned, new_conversation
+
+pytestmark = pytest.mark.timeout(30)
+
+API_KEY = "sk-test-4242-do-not-store"
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeChatServer]:
+    with FakeChatServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def sup(
+    settings: Settings, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RunSupervisor]:
+    monkeypatch.setenv("TRELLIS_TEST_KEY", API_KEY)
+    fast = LLMSettings(api_key_env="TRELLIS_TEST_KEY", max_retries=2, backoff_base_seconds=0.01)
+    async with open_run_supervisor(settings.model_copy(update={"llm": fast}), store) as supervisor:
+        yield supervisor
+    assert_all_returned(supervisor)
+
+
+def llm(provider: FakeChatServer, **fields: Any) -> dict[str, Any]:
+    return {"kind": "llm", "model": "test-model", "base_url": provider.url, **fields}
+
+
+async def run_to_end(sup: RunSupervisor, agent: dict[str, Any], message: str) -> tuple[Any, Any]:
+    conversation = await new_conversation(sup, agent, initial_message=message)
+    run = await sup.start_run(conversation.id)
+    with trio.fail_after(15):
+        ended = await sup.wait_run(conversation.id, run.id, 15)
+    assert ended is not None
+    return conversation.id, ended
+
+
+async def events(sup: RunSupervisor, conversation_id: str, kind: str | None = None) -> list[Event]:
+    page = await sup.io(sup.store.search_events, conversation_id, EventQuery(kind=kind, limit=1000))
+    return page.items
+
+
+async def test_llm_tool_call_then_answer_sends_exact_requests(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """Tool call → observation → final answer; both request bodies are exactly as expected."""
+    provider.add(
+        tool_call_reply(
+            [("file_editor", {"command": "create", "path": "a.txt", "file_text": "hi"})]
+        ),
+        text_reply("Created a.txt."),
+    )
+    conversation_id, run = await run_to_end(sup, llm(provider), "Create a.txt")
+    assert (run.status, run.reason, run.steps) == (Status.FINISHED, "agent_finished", 2)
+    first, second = (request.body for request in provider.requests)
+    assert [tool["function"]["name"] for tool in first["tools"]] == [
+        "terminal",
+        "file_editor",
+        "finish",
+    ]
+    assert (first["model"], first["temperature"]) == ("test-model", 0.0)
+    assert first["messages"][1:] == [{"role": "user", "content": "Create a.txt"}]
+    observation = (await events(sup, conversation_id, "observation"))[0].payload
+    assert second["messages"][1:] == [
+        {"role": "user", "content": "Create a.txt"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {
+                        "name": "file_editor",
+                        "arguments": '{"command": "create", "path": "a.txt", "file_text": "hi"}',
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": observation.content},  # type: ignore[union-attr]
+    ]
+    conversation = await sup.io(sup.store.get_conversation, conversation_id)
+    workspace = sup.settings.workspaces_path / conversation.workspace
+    assert (workspace / "a.txt").read_text() == "hi"
+    assert (conversation.usage.prompt_tokens, conversation.usage.completion_tokens) == (20, 10)
+    assert [e.kind for e in await events(sup, conversation_id)] == [
+        "message",  # the user's
+        "status",  # queued
+        "status",  # running
+        "llm_call",
+        "action",
+        "observation",
+        "llm_call",
+        "message",  # "Created a.txt."
+        "status",  # finished
+    ]
+
+
+async def test_llm_parallel_calls_answer_in_call_order(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """Three calls of one reply run concurrently; observations come back in call order."""
+    creates = [
+        ("file_editor", {"command": "create", "path": f"f{i}.txt", "file_text": str(i)})
+        for i in range(3)
+    ]
+    provider.add(tool_call_reply(creates), text_reply("done"))
+    conversation_id, run = await run_to_end(sup, llm(provider), "go")
+    assert run.status is Status.FINISHED
+    observed = [e.payload for e in await events(sup, conversation_id, "observation")]
+    assert [p.call_id for p in observed] == ["call_0", "call_1", "call_2"]  # type: ignore[union-attr]
+    assert not any(p.is_error for p in observed)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("failures", "status"),
+    [
+        pytest.param(
+            [error_reply(429, retry_after=0), error_reply(503)], Status.FINISHED, id="recovers"
+        ),
+        pytest.param([error_reply(500, "overloaded")] * 3, Status.ERROR, id="gives-up"),
+    ],
+)
+async def test_llm_retries_then_succeeds_or_gives_up(
+    sup: RunSupervisor, provider: FakeChatServer, failures: list[Any], status: Status
+) -> None:
+    """429/5xx are retried max_retries (2) times; then the run ends error with the cause."""
+    provider.add(*failures, text_reply("fine"))
+    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is status
+    assert len(provider.requests) == 3
+    if status is Status.ERROR:
+        error = (await events(sup, conversation_id, "error"))[0].payload
+        assert "500" in error.message and "overloaded" in error.message  # type: ignore[union-attr]
+
+
+async def test_llm_client_errors_are_not_retried(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """A 400 from the provider ends the run at once, without a retry."""
+    provider.add(error_reply(400, "bad model"))
+    _, run = await run_to_end(sup, llm(provider), "hello")
+    assert (run.status, len(provider.requests)) == (Status.ERROR, 1)
+    assert run.error is not None and "400" in run.error and "bad model" in run.error
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        pytest.param(("terminal", "{not json"), "not valid JSON", id="bad-json"),
+        pytest.param(("teleport", {"to": "mars"}), "unknown tool 'teleport'", id="unknown-tool"),
+        pytest.param(("terminal", {"cmd": "ls"}), "invalid arguments for terminal", id="schema"),
+    ],
+)
+async def test_llm_malformed_tool_calls_become_observations(
+    sup: RunSupervisor, provider: FakeChatServer, call: Any, expected: str
+) -> None:
+    """A malformed call is an error observation to the model; the run carries on."""
+    provider.add(tool_call_reply([call]), text_reply("sorry"))
+    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is Status.FINISHED
+    observation = (await events(sup, conversation_id, "observation"))[0].payload
+    assert observation.is_error and expected in observation.content  # type: ignore[union-attr]
+    assert expected in provider.requests[1].body["messages"][-1]["content"]
+
+
+async def test_llm_finish_tool_ends_the_run_with_its_message(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """A finish call ends the run finished; its message is the agent's last message."""
+    provider.add(tool_call_reply([("finish", {"message": "All done."})]))
+    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is Status.FINISHED
+    assert (await events(sup, conversation_id, "message"))[-1].payload.text == "All done."  # type: ignore[union-attr]
+
+
+async def test_llm_interrupt_cancels_the_request_in_flight(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """Interrupt during a 60 s provider response stops the run within the request's wait."""
+    provider.add(text_reply("too late", delay_seconds=60))
+    conversation = await new_conversation(sup, llm(provider), initial_message="hello")
+    await sup.start_run(conversation.id)
+    with trio.fail_after(10):
+        while not provider.requests:  # the request has reached the provider
+            await trio.sleep(0.005)
+        started = time.monotonic()
+        run = await sup.interrupt(conversation.id)
+        elapsed = time.monotonic() - started
+    assert (run.status, run.reason) == (Status.PAUSED, "interrupt")
+    assert elapsed < 1.0  # bench/ measures the real figure; this only rules out waiting 60 s
+
+
+def stored_bytes(directory: Path) -> bytes:
+    """Every byte under ``directory``: the database, its WAL, the workspaces."""
+    return b"".join(path.read_bytes() for path in directory.rglob("*") if path.is_file())
+
+
+async def test_llm_api_key_is_sent_but_never_stored(
+    sup: RunSupervisor, provider: FakeChatServer, settings: Settings
+) -> None:
+    """The key reaches the provider as a bearer token and appears in no stored byte, even
+    when the model asks a command to print the server's environment."""
+    provider.add(tool_call_reply([("terminal", {"command": "env"})]), text_reply("ok"))
+    await run_to_end(sup, llm(provider), "hello")
+    assert provider.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
+    assert API_KEY.encode() not in stored_bytes(Path(settings.data_dir))
