@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -379,9 +380,12 @@ class RunSupervisor:
                 await handle.done.wait()
         return await self.get_run(conversation_id, handles[0].run_id)
 
-    async def delete_conversation(self, conversation_id: str) -> None:
-        """Stop the conversation's runs (reason ``deleted``), wait for them, delete it all."""
-        await self.io(self.store.get_conversation, conversation_id)
+    async def delete_conversation(
+        self, conversation_id: str, *, delete_workspace: bool = False
+    ) -> None:
+        """Stop the conversation's runs (reason ``deleted``), wait for them, delete it all —
+        with ``delete_workspace``, its workspace directory too."""
+        conversation = await self.io(self.store.get_conversation, conversation_id)
         self._deleting.add(conversation_id)
         try:
             handles = self._runs.of_conversation(conversation_id)
@@ -390,6 +394,9 @@ class RunSupervisor:
             for handle in handles:
                 await handle.done.wait()
             await self.io(self.store.delete_conversation, conversation_id)
+            if delete_workspace:
+                workspace = self.settings.workspaces_path / conversation.workspace
+                await self.io(shutil.rmtree, workspace, ignore_errors=True)
         finally:
             self._deleting.discard(conversation_id)
 

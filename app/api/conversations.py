@@ -13,6 +13,7 @@ from app.api.openapi import documented
 from app.api.schemas import (
     ConversationList,
     CreateConversation,
+    DeleteConversation,
     ListConversations,
     MessageAccepted,
     PostMessage,
@@ -94,9 +95,15 @@ async def get_conversation(conversation_id: str) -> Response:
 
 
 @blueprint.delete("/<conversation_id>")
-@documented("Stop the conversation's runs and delete everything.", status=204, errors=(404,))
+@documented(
+    "Stop the conversation's runs and delete its data (and, if asked, its workspace).",
+    status=204,
+    query=DeleteConversation,
+    errors=(404,),
+)
 async def delete_conversation(conversation_id: str) -> Response:
-    await supervisor().delete_conversation(conversation_id)
+    query = parse_query(DeleteConversation)
+    await supervisor().delete_conversation(conversation_id, delete_workspace=query.delete_workspace)
     return Response(b"", status=204)
 
 

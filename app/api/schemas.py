@@ -51,6 +51,11 @@ class ListConversations(_Strict):
     cursor: str | None = Field(None, max_length=32)
 
 
+class DeleteConversation(_Strict):
+    #: Also delete the conversation's workspace directory (shared by name: all of it).
+    delete_workspace: bool = False
+
+
 class ListRuns(_Strict):
     limit: int = Field(100, ge=1, le=MAX_PAGE_SIZE)
     after: int | None = Field(None, ge=0)
