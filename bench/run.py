@@ -35,7 +35,9 @@ What is measured, and how:
    by ``started_at`` must give exactly the ``queue_position`` order.
 8. Interrupt latency: 30 times, a run sleeping mid-step (60 s sleep step) is interrupted;
    round trip of ``POST /interrupt`` (answers after the run stopped, status ``paused``);
-   also server ``finished_at`` minus the client's send time.
+   also server ``finished_at`` minus the client's send time. Then the same for an ``llm``
+   run whose request is in flight to a provider that answers after 60 s (a real local HTTP
+   server in this process, ``app.testing_llm.FakeChatServer``).
 
 Prints one table (stdout) and writes it, with all raw numbers, to ``bench/results.json``.
 Progress goes to stderr. The peer column quotes the issue's figures for another server.
@@ -114,6 +116,8 @@ def measure_queue_and_interrupt(results: dict[str, Any]) -> None:
         results["queue_order"] = runs.queue_order(server, client)
         log("interrupt latency")
         results["interrupt"] = runs.interrupt_latency(client)
+        log("interrupt latency, llm run mid provider request")
+        results["llm_interrupt"] = runs.llm_interrupt_latency(client)
 
 
 def main() -> int:

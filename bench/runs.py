@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +19,8 @@ from workload import (
     log,
     wait_for_statistics,
 )
+
+from app.testing_llm import FakeChatServer, text_reply
 
 COLD_STARTS = 3  # the issue asks for the median of 3 starts (and of 3 SIGTERMs)
 IN_FLIGHT_RUNS = 100  # SIGTERM scenario: with default limits, 10 running + 90 queued
@@ -145,19 +148,46 @@ def queue_order(server: TrellisServer, client: RawClient) -> dict[str, Any]:
 
 
 def interrupt_latency(client: RawClient) -> dict[str, Any]:
-    """Round trip of ``POST /interrupt`` on a run sleeping mid-step, ``INTERRUPT_SAMPLES``
-    times, one run at a time (1 slot); also the server's ``finished_at`` minus the
-    client's send time (same machine, same wall clock)."""
+    """Round trip of ``POST /interrupt`` on a run sleeping mid-step (a script ``sleep``)."""
+
+    def in_step(run_path: str) -> None:
+        _wait_until_running(client, run_path)
+        time.sleep(SETTLE_INTO_SLEEP_SECONDS)
+
+    return _interrupts(client, LONG_RUN, in_step)
+
+
+def llm_interrupt_latency(client: RawClient) -> dict[str, Any]:
+    """The same while an ``llm`` run waits for a provider that answers after 60 s: the
+    provider is a real local HTTP server (app.testing_llm), the request is in flight."""
+    with FakeChatServer() as provider:
+        agent = {"kind": "llm", "base_url": provider.url, "model": "bench"}
+
+        def in_step(run_path: str) -> None:
+            wanted = len(provider.requests) + 1
+            provider.add(text_reply("too late", delay_seconds=60))
+            _wait_until_running(client, run_path)
+            deadline = time.monotonic() + 10
+            while len(provider.requests) < wanted:  # the request reached the provider
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the llm run never called the provider")
+                time.sleep(0.001)
+
+        return _interrupts(client, agent, in_step)
+
+
+def _interrupts(
+    client: RawClient, agent: dict[str, Any], in_step: Callable[[str], None]
+) -> dict[str, Any]:
+    """``INTERRUPT_SAMPLES`` times, one run at a time (1 slot): start a run, wait with
+    ``in_step`` until it is mid-step, time ``POST /interrupt``; also the server's
+    ``finished_at`` minus the client's send time (same machine, same wall clock)."""
     client.call("PATCH", "/api/server/limits", {"max_concurrent_runs": 1})
     round_trips_ms, to_finished_ms = [], []
     for _ in range(INTERRUPT_SAMPLES):
-        conversation = client.call(
-            "POST", "/api/conversations", {"agent": LONG_RUN, "run": True}, 201
-        )
+        conversation = client.call("POST", "/api/conversations", {"agent": agent, "run": True}, 201)
         path = conversation_path(conversation["id"])
-        run_path = f"{path}/runs/{conversation['run']['id']}"
-        _wait_until_running(client, run_path)
-        time.sleep(SETTLE_INTO_SLEEP_SECONDS)
+        in_step(f"{path}/runs/{conversation['run']['id']}")
         sent_wall = time.time()
         start = time.perf_counter_ns()
         run = client.call("POST", f"{path}/interrupt", None, 202)
