@@ -21,6 +21,7 @@ or ``error``) is committed *by this thread before it returns*.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -110,9 +111,7 @@ class RunContext:
         allowed: Collection[str] | None = None,
     ) -> list[ToolResult]:
         for call in calls:
-            arguments = (
-                call.arguments if isinstance(call.arguments, dict) else {"raw": call.arguments}
-            )
+            arguments = _as_object(call.arguments)
             self.emit(ActionPayload(call_id=call.call_id, tool=call.tool, arguments=arguments))
         results = trio.from_thread.run(
             execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel), allowed
@@ -130,6 +129,18 @@ class RunContext:
 
     def check_cancelled(self) -> None:
         trio.from_thread.check_cancelled()
+
+
+def _as_object(arguments: dict[str, Any] | str) -> dict[str, Any]:
+    """Tool arguments as a JSON object for the ``action`` event: text that is not a JSON
+    object (a model's malformed output) is kept verbatim as ``{"raw": text}``."""
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {"raw": arguments}
+    return parsed if isinstance(parsed, dict) else {"raw": arguments}
 
 
 def run_conversation(ctx: RunContext) -> None:

@@ -223,3 +223,55 @@ async def test_llm_api_key_is_sent_but_never_stored(
     await run_to_end(sup, llm(provider), "hello")
     assert provider.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
     assert API_KEY.encode() not in stored_bytes(Path(settings.data_dir))
+
+
+def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
+    """Actions join the assistant message before them; raw (bad) arguments replay verbatim."""
+    from datetime import UTC, datetime
+
+    from app.agents.llm_messages import chat_messages
+    from app.events import ActionPayload, MessagePayload, ObservationPayload, Source, StatusPayload
+
+    def event(seq: int, source: Source, payload: Any) -> Event:
+        now = datetime.now(UTC)
+        return Event(id=str(seq), conversation_id="c", seq=seq, run_id="r", timestamp=now,
+                     source=source, payload=payload)  # fmt: skip
+
+    history = [
+        event(1, Source.USER, MessagePayload(text="hi")),
+        event(
+            2,
+            Source.SYSTEM,
+            StatusPayload(status=Status.RUNNING, previous=Status.QUEUED, reason="started"),
+        ),  # fmt: skip
+        event(3, Source.AGENT, MessagePayload(text="looking")),
+        event(
+            4,
+            Source.AGENT,
+            ActionPayload(call_id="a", tool="terminal", arguments={"command": "ls"}),
+        ),
+        event(
+            5, Source.AGENT, ActionPayload(call_id="b", tool="terminal", arguments={"raw": "{oops"})
+        ),
+        event(6, Source.TOOL, ObservationPayload(call_id="a", tool="terminal", content="x")),
+        event(
+            7,
+            Source.TOOL,
+            ObservationPayload(call_id="b", tool="terminal", content="bad", is_error=True),
+        ),
+    ]
+    assert chat_messages("sys", history) == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "looking",
+            "tool_calls": [
+                {"id": "a", "type": "function",
+                 "function": {"name": "terminal", "arguments": '{"command": "ls"}'}},
+                {"id": "b", "type": "function", "function": {"name": "terminal", "arguments": "{oops"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "a", "content": "x"},
+        {"role": "tool", "tool_call_id": "b", "content": "bad"},
+    ]  # fmt: skip

@@ -26,8 +26,10 @@ Errors:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import ssl
 import time
 from typing import Any, Literal
 
@@ -133,7 +135,7 @@ class LLMAgent:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         url = f"{self.base_url}/chat/completions"
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, verify=_tls_context()) as client:
             for attempt in range(self.settings.max_retries + 1):
                 last_attempt = attempt == self.settings.max_retries
                 try:
@@ -162,6 +164,13 @@ class LLMAgent:
                 pass  # an HTTP date: fall back to our own schedule
         base: float = self.settings.backoff_base_seconds * 2**attempt
         return min(base * random.uniform(0.5, 1.5), self.settings.backoff_max_seconds)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context for every request: building one loads the CA bundle,
+    which costs ~40 ms — more than a whole request to a local model server."""
+    return ssl.create_default_context()
 
 
 def _describe_failure(response: httpx.Response, attempts: int) -> str:
