@@ -234,8 +234,15 @@ def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
 
     def event(seq: int, source: Source, payload: Any) -> Event:
         now = datetime.now(UTC)
-        return Event(id=str(seq), conversation_id="c", seq=seq, run_id="r", timestamp=now,
-                     source=source, payload=payload)  # fmt: skip
+        return Event(
+            id=str(seq),
+            conversation_id="c",
+            seq=seq,
+            run_id="r",
+            timestamp=now,
+            source=source,
+            payload=payload,
+        )
 
     history = [
         event(1, Source.USER, MessagePayload(text="hi")),
@@ -243,7 +250,7 @@ def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
             2,
             Source.SYSTEM,
             StatusPayload(status=Status.RUNNING, previous=Status.QUEUED, reason="started"),
-        ),  # fmt: skip
+        ),
         event(3, Source.AGENT, MessagePayload(text="looking")),
         event(
             4,
@@ -267,11 +274,18 @@ def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
             "role": "assistant",
             "content": "looking",
             "tool_calls": [
-                {"id": "a", "type": "function",
-                 "function": {"name": "terminal", "arguments": '{"command": "ls"}'}},
-                {"id": "b", "type": "function", "function": {"name": "terminal", "arguments": "{oops"}},
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "terminal", "arguments": '{"command": "ls"}'},
+                },
+                {
+                    "id": "b",
+                    "type": "function",
+                    "function": {"name": "terminal", "arguments": "{oops"},
+                },
             ],
         },
         {"role": "tool", "tool_call_id": "a", "content": "x"},
         {"role": "tool", "tool_call_id": "b", "content": "bad"},
-    ]  # fmt: skip
+    ]
