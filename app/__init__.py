@@ -2,7 +2,8 @@
 
 The public surface, for embedders: run the supervisor in your own Trio program with
 :func:`open_run_supervisor`, serve it over HTTP with :func:`create_app`, register agent
-kinds on an :class:`AgentRegistry`.
+kinds on an :class:`AgentRegistry` and tools on a :class:`ToolRegistry`. Test doubles live in
+``app.testing`` (gated agents) and ``app.testing_llm`` (a fake model provider).
 """
 
 from app.agents import (
@@ -19,9 +20,11 @@ from app.events import Event, MessagePayload, Source
 from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
 from app.records import ConversationRecord, RunRecord
-from app.settings import Settings, load_settings
+from app.settings import LLMSettings, Settings, load_settings
 from app.store import EventQuery, EventStore, NewConversation, SqliteStore
 from app.supervisor import RunSupervisor, open_run_supervisor
+from app.tools.base import Tool, ToolEnvironment, ToolResult
+from app.tools.calls import ToolCall, ToolRegistry, default_tools
 from app.web import create_app
 
 __version__ = "0.1.0"
@@ -35,6 +38,7 @@ __all__ = [
     "EventQuery",
     "EventStore",
     "IfBusy",
+    "LLMSettings",
     "MessagePayload",
     "NewConversation",
     "RunRecord",
@@ -46,10 +50,16 @@ __all__ = [
     "StepContext",
     "StepResult",
     "SupervisorStatistics",
+    "Tool",
+    "ToolCall",
+    "ToolEnvironment",
+    "ToolRegistry",
+    "ToolResult",
     "TrellisError",
     "__version__",
     "create_app",
     "default_registry",
+    "default_tools",
     "finish",
     "load_settings",
     "open_run_supervisor",
