@@ -1,5 +1,8 @@
 """Fakes for tests and for embedders' own tests (in the spirit of ``trio.testing``).
 
+The fake model provider lives in :mod:`app.testing_llm` and is re-exported here:
+:class:`FakeChatServer`, :func:`text_reply`, :func:`tool_call_reply`, :func:`error_reply`.
+
 :class:`Gates` and the ``gated`` agent kind make run threads deterministic: a gated step
 announces that it has *entered* and then blocks until the test *releases* it, so a test can
 hold any number of runs mid-step, assert on ``supervisor.statistics()``, and let them go —
@@ -27,6 +30,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.agents.base import CONTINUE, StepContext, StepResult, finish
 from app.agents.registry import AgentRegistry, default_registry
 from app.events import MessagePayload
+from app.testing_llm import FakeChatServer, error_reply, text_reply, tool_call_reply
+
+__all__ = [
+    "FakeChatServer",
+    "Gate",
+    "GatedAgent",
+    "GatedSpec",
+    "Gates",
+    "error_reply",
+    "gated_registry",
+    "text_reply",
+    "tool_call_reply",
+]
 
 POLL_SECONDS = 0.01  # how often a blocked gated step checks for cancellation
 

@@ -289,3 +289,34 @@ def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
         {"role": "tool", "tool_call_id": "a", "content": "x"},
         {"role": "tool", "tool_call_id": "b", "content": "bad"},
     ]
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_llm_connection_errors_are_retried_then_reported(sup: RunSupervisor) -> None:
+    """An unreachable provider is retried max_retries times, then the run says so."""
+    agent = {"kind": "llm", "model": "m", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+    conversation_id, run = await run_to_end(sup, agent, "hello")
+    assert run.status is Status.ERROR
+    error = (await events(sup, conversation_id, "error"))[0].payload
+    assert "cannot reach" in error.message  # type: ignore[union-attr]
+
+
+async def test_llm_malformed_completion_ends_the_run_clearly(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """A 200 answer without choices ends the run error with a message saying so."""
+    from app.testing_llm import ScriptedReply
+
+    provider.add(ScriptedReply(200, {"unexpected": True}))
+    _, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is Status.ERROR
+    assert run.error is not None and "no usable choice" in run.error

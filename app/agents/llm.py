@@ -80,9 +80,7 @@ class LLMAgent:
         body = self._request_body(ctx)
         started = time.monotonic()
         response = ctx.call_async(self._complete, body)
-        choice = response["choices"][0]
-        message = choice.get("message") or {}
-        usage = response.get("usage") or {}
+        choice, message, usage = _parts(response)
         ctx.emit(
             LLMCallPayload(
                 model=str(response.get("model") or self.model),
@@ -146,7 +144,13 @@ class LLMAgent:
                     await trio.sleep(self._backoff(attempt, None))
                     continue
                 if response.status_code == 200:
-                    result: dict[str, Any] = response.json()
+                    try:
+                        result: dict[str, Any] = response.json()
+                    except ValueError:
+                        raise ProviderError(
+                            f"the model provider answered 200 with a body that is not JSON: "
+                            f"{response.text[:300]}"
+                        ) from None
                     return result
                 if response.status_code not in RETRIED_STATUSES or last_attempt:
                     raise ProviderError(_describe_failure(response, attempt + 1))
@@ -164,6 +168,23 @@ class LLMAgent:
                 pass  # an HTTP date: fall back to our own schedule
         base: float = self.settings.backoff_base_seconds * 2**attempt
         return min(base * random.uniform(0.5, 1.5), self.settings.backoff_max_seconds)
+
+
+def _parts(response: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The first choice, its message and the usage of a completion.
+
+    Errors: :class:`ProviderError` when the body is not shaped like a completion.
+    """
+    try:
+        choice = response["choices"][0]
+        message = choice.get("message") or {}
+        usage = response.get("usage") or {}
+        if not all(isinstance(part, dict) for part in (choice, message, usage)):
+            raise TypeError("not objects")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        shown = str(response)[:300]
+        raise ProviderError(f"the model provider answered with no usable choice: {shown}") from None
+    return choice, message, usage
 
 
 @functools.cache
