@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +41,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: JsonObject
+    received_at: float  # time.monotonic() when the request arrived
 
 
 def text_reply(
@@ -153,7 +155,8 @@ class FakeChatServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                reply = fake._next(RecordedRequest(self.path, dict(self.headers), body))
+                request = RecordedRequest(self.path, dict(self.headers), body, time.monotonic())
+                reply = fake._next(request)
                 if reply.delay_seconds and fake._closing.wait(reply.delay_seconds):
                     return  # closing: drop the connection without an answer
                 payload = json.dumps(reply.body).encode()

@@ -320,3 +320,12 @@ async def test_llm_malformed_completion_ends_the_run_clearly(
     _, run = await run_to_end(sup, llm(provider), "hello")
     assert run.status is Status.ERROR
     assert run.error is not None and "no usable choice" in run.error
+
+
+async def test_llm_honours_retry_after(sup: RunSupervisor, provider: FakeChatServer) -> None:
+    """A 429 with Retry-After: 0.3 delays the retry at least that long (backoff is 0.01 s)."""
+    provider.add(error_reply(429, retry_after=0.3), text_reply("fine"))
+    _, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is Status.FINISHED
+    first, second = provider.requests
+    assert second.received_at - first.received_at >= 0.3
