@@ -8,7 +8,7 @@ is the order they will sit down — that order is their ``queue_position``.
 Ownership::
 
     RunSupervisor.serve()            one nursery for every run task; lives as long as the
-    └── _run_task(handle)            app (or the ``open_run_supervisor`` block)
+    └── run_admitted(handle)         app (or the ``open_run_supervisor`` block); run_task.py
         └── to_thread: run_conversation(ctx)      the run thread, one per running run
             └── to_thread (tool limiter): tool calls
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +38,6 @@ from typing import Any, TypeVar
 import trio
 
 from app.agents.registry import AgentRegistry, default_registry
-from app.conversation import RunContext, run_conversation
 from app.errors import (
     ConversationBusy,
     IllegalTransition,
@@ -50,10 +48,10 @@ from app.errors import (
 from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.records import ConversationRecord, RunRecord
+from app.run_task import RunShared, record_end, run_admitted, unregister
 from app.settings import Settings
 from app.slot_line import SlotLine
 from app.store.base import EventStore
-from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolRegistry, default_tools
 
 T = TypeVar("T")
@@ -83,13 +81,21 @@ class RunSupervisor:
         self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
         self.io_limiter = trio.CapacityLimiter(settings.io_threads)
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
-        # Admission is decided by run_limiter, whose token the run task holds. to_thread
-        # still needs *a* limiter and must not use Trio's default one: this unbounded one
-        # only counts run threads that are alive.
-        self._run_threads = trio.CapacityLimiter(math.inf)
         self.max_queued_runs = settings.max_queued_runs
         self._runs = ActiveRuns()
         self._waiting_for_slot = SlotLine(self.run_limiter)  # FIFO: the sofa's waiting line
+        self._shared = RunShared(
+            settings=settings,
+            registry=self.registry,
+            tools=self.tools,
+            tool_limiter=self.tool_limiter,
+            store=store,
+            io_limiter=self.io_limiter,
+            run_limiter=self.run_limiter,
+            run_threads=trio.CapacityLimiter(math.inf),
+            line=self._waiting_for_slot,
+            runs=self._runs,
+        )
         self._deleting: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -154,7 +160,7 @@ class RunSupervisor:
         """
         unfinished = [handle for handle in self._runs if not handle.done.is_set()]
         for handle in unfinished:
-            await self._record_end(handle, Trigger.STOP, reason)
+            await record_end(handle, Trigger.STOP, reason, self._shared)
         return len(unfinished)
 
     @property
@@ -165,11 +171,7 @@ class RunSupervisor:
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
-        if kwargs:
-            return await trio.to_thread.run_sync(
-                lambda: fn(*args, **kwargs), limiter=self.io_limiter
-            )
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+        return await self._shared.io(fn, *args, **kwargs)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -216,10 +218,10 @@ class RunSupervisor:
                     reason=reason,
                 )
             except BaseException:
-                self._unregister(handle)
+                unregister(handle, self._shared)
                 raise
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_task, handle, conversation)
+        self._nursery.start_soon(run_admitted, handle, conversation, self._shared)
         return self.with_position(record), conversation
 
     def check_admission(
@@ -254,92 +256,6 @@ class RunSupervisor:
 
     def _register(self, handle: RunHandle) -> None:
         self._runs.add(handle)
-
-    def _unregister(self, handle: RunHandle) -> None:
-        self._waiting_for_slot.leave(handle.run_id)
-        self._runs.remove(handle)
-        handle.done.set()
-
-    # -- the run task --------------------------------------------------------------------
-
-    async def _run_task(self, handle: RunHandle, conversation: ConversationRecord) -> None:
-        """Wait for the conversation, then for a slot, then run the thread; always record.
-
-        Catches ``Exception`` (logged and recorded on the run) so that one failing run
-        never cancels its siblings; ``trio.Cancelled`` from outside propagates after the
-        final status is written.
-        """
-        ctx = RunContext(
-            store=self.store,
-            conversation_id=handle.conversation_id,
-            run_id=handle.run_id,
-            agent_spec=conversation.agent,
-            registry=self.registry,
-            max_iterations=conversation.max_iterations,
-            tool_limiter=self.tool_limiter,
-            control=handle.control,
-            tools=self.tools,
-            tool_env=self._tool_environment(conversation),
-        )
-        try:
-            with handle.cancel_scope:
-                await self._wait_for_turn(handle)
-                await self._run_in_slot(handle, ctx)
-        except Exception:
-            log.exception("run %s failed outside its agent", handle.run_id)
-            await self._record_end(handle, Trigger.FAIL, "internal_error")
-        finally:
-            if not handle.control.thread_started:
-                await self._record_end(
-                    handle, Trigger.STOP, handle.control.stop_reason or "shutdown"
-                )
-            self._unregister(handle)
-
-    def _tool_environment(self, conversation: ConversationRecord) -> ToolEnvironment:
-        settings = self.settings
-        return ToolEnvironment(
-            workspace=settings.workspaces_path / conversation.workspace,
-            tool_limiter=self.tool_limiter,
-            command_timeout_seconds=settings.command_timeout_seconds,
-            max_command_timeout_seconds=settings.max_command_timeout_seconds,
-            max_output_bytes=settings.max_tool_output_bytes,
-            command_env={
-                name: os.environ[name]
-                for name in settings.command_env_passthrough
-                if name in os.environ
-            },
-        )
-
-    async def _wait_for_turn(self, handle: RunHandle) -> None:
-        if handle.previous is not None:
-            await handle.previous.done.wait()
-            await self.io(self.store.activate_run, handle.run_id, reason="enqueued_run")
-            self._waiting_for_slot.join(handle.run_id)
-        await self._waiting_for_slot.wait_for_slot(handle.run_id, borrower=handle)
-
-    async def _run_in_slot(self, handle: RunHandle, ctx: RunContext) -> None:
-        self._runs.set_holds_slot(handle, True)
-        try:
-            await trio.to_thread.run_sync(
-                run_conversation, ctx, limiter=self._run_threads, abandon_on_cancel=False
-            )
-        finally:
-            self._runs.set_holds_slot(handle, False)
-            self.run_limiter.release_on_behalf_of(handle)
-
-    async def _record_end(self, handle: RunHandle, trigger: Trigger, reason: str) -> None:
-        """Record the run's end from the Trio side (shielded: also during cancellation).
-
-        Never raises ``Exception``: a store failure here is logged, so that it cannot take
-        the supervisor's nursery, and every sibling run, down with it.
-        """
-        with trio.CancelScope(shield=True):
-            try:
-                await self.io(self.store.transition_run, handle.run_id, trigger, reason=reason)
-            except (IllegalTransition, NotFound):
-                pass  # already ended (its thread recorded it), or deleted meanwhile
-            except Exception:
-                log.exception("could not record the end of run %s", handle.run_id)
 
     # -- control -------------------------------------------------------------------------
 
@@ -470,7 +386,7 @@ class RunSupervisor:
             running=running,
             queued=len(self._runs) - running,
             waiting_for_slot=len(self._waiting_for_slot),
-            run_threads_alive=self._run_threads.borrowed_tokens,
+            run_threads_alive=self._shared.run_threads.borrowed_tokens,
             max_concurrent_runs=int(self.run_limiter.total_tokens),
             max_queued_runs=self.max_queued_runs,
             io_borrowed=io.borrowed_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from app.records import ConversationRecord
 from app.store import NewConversation, SqliteStore
 from app.store.cache import RecordCache
 from app.store.queries import conversation_from_row, conversation_row
+from app.store.schema import connect
 
 
 def create(store: SqliteStore) -> ConversationRecord:
@@ -21,8 +23,9 @@ def create(store: SqliteStore) -> ConversationRecord:
 
 
 def fresh(store: SqliteStore, conversation_id: str) -> ConversationRecord:
-    """What the database says, bypassing the cache."""
-    row = conversation_row(store._writer, conversation_id)
+    """What the database file says, through a connection of its own (no cache involved)."""
+    with closing(connect(store.path)) as connection:
+        row = conversation_row(connection, conversation_id)
     assert row is not None
     return conversation_from_row(row)
 

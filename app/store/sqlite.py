@@ -1,10 +1,7 @@
 """The embedded store: one SQLite file in WAL mode.
 
-Threads and connections: all writes go through one writer connection under a
-``threading.Lock`` — writes are short (tens of microseconds with ``synchronous=NORMAL``), and
-an in-process lock queues writers fairly instead of letting SQLite's busy handler sleep and
-retry. Reads borrow a connection from a pool, one thread at a time per connection (WAL
-readers are never blocked by the writer).
+Threads and connections: see ``app/store/connections.py`` (one writer under a lock, a pool
+of readers). Every public method is thread-safe and one transaction.
 Any thread may call any method: handlers call from I/O-limiter threads, runs from their own
 run thread.
 """
@@ -12,9 +9,7 @@ run thread.
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +32,7 @@ from app.records import ConversationRecord, RunRecord
 from app.store import queries
 from app.store.base import ConversationPage, EventPage, EventQuery, NewConversation
 from app.store.cache import RecordCache
-from app.store.schema import connect, initialize
+from app.store.connections import Connections
 
 
 def _new_id() -> str:
@@ -50,76 +45,38 @@ class SqliteStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()
         self._cache = RecordCache()
         self._touched: set[str] = set()  # conversations the current write transaction changed
-        # Idle read connections, shared by all threads: a new run thread borrows one instead
-        # of opening its own (opening costs more than a whole small transaction).
-        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._writer = self._open_connection()
-        initialize(self._writer)
+        self._db = Connections(self.path, after_commit=self._refresh_cached)
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
 
-    # -- connections -------------------------------------------------------------------
-
-    def _open_connection(self) -> sqlite3.Connection:
-        connection = connect(self.path)
-        with self._connections_lock:
-            self._all_connections.append(connection)
-        return connection
+    def close(self) -> None:
+        """Close every connection this store opened, from any thread."""
+        self._db.close()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction (one consistent snapshot) on a pooled connection.
-
-        The pool holds at most as many connections as reads ever ran at once.
-        """
-        try:
-            connection = self._idle_readers.get_nowait()
-        except queue.Empty:
-            connection = self._open_connection()
-        connection.execute("BEGIN")
-        try:
+        with self._db.read() as connection:
             yield connection
-        finally:
-            connection.execute("COMMIT")
-            self._idle_readers.put(connection)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction on the writer connection; rolled back if anything raises."""
-        with self._write_lock:
+        with self._db.write() as connection:
             self._touched.clear()
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
-            self._refresh_cached()
+            yield connection
 
-    def _refresh_cached(self) -> None:
+    def _refresh_cached(self, writer: sqlite3.Connection) -> None:
         """After a commit (write lock held): re-read the touched conversations that are
         cached, or drop them if they are gone."""
         for conversation_id in self._touched:
             if conversation_id in self._cache:
-                row = queries.conversation_row(self._writer, conversation_id)
+                row = queries.conversation_row(writer, conversation_id)
                 if row is None:
                     self._cache.drop(conversation_id)
                 else:
                     self._cache.put(queries.conversation_from_row(row))
-
-    def close(self) -> None:
-        """Close every connection this store opened, from any thread."""
-        with self._write_lock, self._connections_lock:
-            for connection in self._all_connections:
-                connection.close()
-            self._all_connections.clear()
 
     # -- conversations -----------------------------------------------------------------
 
@@ -171,8 +128,8 @@ class SqliteStore:
         cached = self._cache.get(conversation_id)
         if cached is not None:
             return cached
-        with self._write_lock:  # no write can commit between this read and the insert
-            record = self._conversation(self._writer, conversation_id)
+        with self._db.locked_writer() as writer:  # no write commits between read and insert
+            record = self._conversation(writer, conversation_id)
             self._cache.put(record)
         return record
 
