@@ -329,3 +329,25 @@ async def test_llm_honours_retry_after(sup: RunSupervisor, provider: FakeChatSer
     assert run.status is Status.FINISHED
     first, second = provider.requests
     assert second.received_at - first.received_at >= 0.3
+
+
+async def test_llm_parallel_calls_with_one_slot_and_two_tool_threads_all_finish(
+    settings: Settings, store: SqliteStore, provider: FakeChatServer
+) -> None:
+    """max_concurrent_runs=1, tool_threads=2: runs each given 3 parallel calls all finish."""
+    limits = {"max_concurrent_runs": 1, "tool_threads": 2, "llm": LLMSettings(max_retries=0)}
+    calls = [("terminal", {"command": f"echo {n}"}) for n in range(3)]
+    for _ in range(3):  # one slot: the runs take their replies one after another
+        provider.add(tool_call_reply(calls), text_reply("done"))
+    async with open_run_supervisor(settings.model_copy(update=limits), store) as sup:
+        with trio.fail_after(20):
+            started = []
+            for _ in range(3):
+                conversation = await new_conversation(sup, llm(provider), initial_message="go")
+                started.append((conversation.id, (await sup.start_run(conversation.id)).id))
+            for conversation_id, run_id in started:
+                ended = await sup.wait_run(conversation_id, run_id, 15)
+                assert ended is not None and ended.status is Status.FINISHED
+                observed = await events(sup, conversation_id, "observation")
+                assert [e.payload.content.splitlines()[0] for e in observed] == ["0", "1", "2"]  # type: ignore[union-attr]
+    assert_all_returned(sup)
