@@ -341,6 +341,14 @@ async def test_events_search_rejects_bad_queries(api: Api, query: str) -> None:
             "payload_too_large",
             id="too-large",
         ),
+        pytest.param(
+            "post",
+            "/api/conversations",
+            {"json": {"agent": {"kind": "llm", "tools": ["terminal", "teleport"]}}},
+            422,
+            "validation_error",
+            id="unknown-llm-tool",
+        ),
         pytest.param("get", "/api/conversations/nope", {}, 404, "not_found", id="unknown-id"),
         pytest.param(
             "post", "/api/conversations/nope/runs", {}, 404, "not_found", id="run-unknown"
@@ -396,3 +404,13 @@ async def test_health_ready_and_draining(api: Api, gates: Gates) -> None:
     assert_error(*await api.call("post", f"/api/conversations/{cid}/runs"), 503, "shutting_down")
     _, info = await api.call("get", f"/api/conversations/{cid}")
     assert (info["status"], info["run"]["reason"]) == ("paused", "shutdown")
+
+
+async def test_create_refuses_an_agent_naming_a_tool_that_does_not_exist(api: Api) -> None:
+    """An llm agent's tools must exist: the 422 names the offending entry."""
+    agent = {"kind": "llm", "tools": ["terminal", "teleport"]}
+    status, body = await api.call("post", "/api/conversations", json={"agent": agent})
+    assert_error(status, body, 422, "validation_error")
+    assert [d["loc"] for d in body["error"]["detail"]] == [["body", "agent", "tools", 1]]
+    agent["tools"] = ["terminal", "finish"]
+    assert (await api.call("post", "/api/conversations", json={"agent": agent}))[0] == 201

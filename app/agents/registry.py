@@ -11,7 +11,7 @@ their own kinds on a registry and hand it to the supervisor::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +49,20 @@ class AgentRegistry:
             raise ValueError(f"agent kind {kind!r} is already registered")
         self._kinds[kind] = AgentKind(spec_model, factory)
 
-    def validate(self, spec: Mapping[str, Any], *, loc: tuple[str, ...] = ("agent",)) -> BaseModel:
-        """Validate a raw spec against its kind's model.
+    def validate(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        loc: tuple[str, ...] = ("agent",),
+        tools: Collection[str] | None = None,
+    ) -> BaseModel:
+        """Validate a raw spec against its kind's model; with ``tools`` (the names that
+        exist), a spec's ``tools`` list may only name those.
 
         Errors:
             :class:`~app.errors.InvalidInput` naming the field (``agent.kind`` for an
-            unknown kind, ``agent.steps.0.sleep`` for a bad step, …).
+            unknown kind, ``agent.steps.0.sleep`` for a bad step, ``agent.tools.1`` for a
+            tool that does not exist, …).
         """
         kind = spec.get("kind")
         if not isinstance(kind, str) or kind not in self._kinds:
@@ -69,14 +77,36 @@ class AgentRegistry:
                 ],
             )
         try:
-            return self._kinds[kind].spec_model.model_validate(spec)
+            validated = self._kinds[kind].spec_model.model_validate(spec)
         except ValidationError as exc:
             raise InvalidInput.from_validation_error(exc, prefix=loc) from None
+        if tools is not None:
+            _check_tool_names(getattr(validated, "tools", None), tools, loc)
+        return validated
 
     def create(self, spec: Mapping[str, Any]) -> Agent:
         """Build an agent for one run from a stored (already validated) spec."""
         validated = self.validate(spec)
         return self._kinds[str(spec["kind"])].factory(validated)
+
+
+def _check_tool_names(named: Any, known: Collection[str], loc: tuple[str, ...]) -> None:
+    if not isinstance(named, list):
+        return  # this kind has no tool list
+    unknown = [(index, name) for index, name in enumerate(named) if name not in known]
+    if unknown:
+        raise InvalidInput(
+            f"invalid input: {'.'.join(loc)}.tools names unknown tools; the tools are "
+            f"{sorted(known)}",
+            detail=[
+                {
+                    "loc": [*loc, "tools", index],
+                    "msg": f"unknown tool {name!r}",
+                    "type": "unknown_tool",
+                }
+                for index, name in unknown
+            ],
+        )
 
 
 def default_registry(llm: LLMSettings | None = None) -> AgentRegistry:

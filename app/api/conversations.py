@@ -48,7 +48,7 @@ def present(sup: RunSupervisor, conversation: ConversationRecord) -> Conversatio
 async def create_conversation() -> Response:
     sup = supervisor()
     body, raw = await parse_body(CreateConversation)
-    sup.registry.validate(body.agent, loc=("body", "agent"))
+    sup.registry.validate(body.agent, loc=("body", "agent"), tools=sup.tools.names)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
