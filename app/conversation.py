@@ -47,6 +47,14 @@ from app.tools.parallel import run_in_tool_threads
 T = TypeVar("T")
 
 
+#: The observation recorded for each call of a batch the run was stopped in.
+STOPPED_BEFORE_RESULT = ToolResult(
+    "the run was stopped before this call returned; whatever it did so far was not reported",
+    is_error=True,
+    data={"stopped": True},
+)
+
+
 @dataclass(eq=False)
 class RunControl:
     """What the Trio side tells a running loop: pause at the boundary, or stop why.
@@ -113,19 +121,30 @@ class RunContext:
         for call in calls:
             arguments = _as_object(call.arguments)
             self.emit(ActionPayload(call_id=call.call_id, tool=call.tool, arguments=arguments))
-        results = trio.from_thread.run(
-            execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel), allowed
-        )
-        for call, result in zip(calls, results, strict=True):
-            observation = ObservationPayload(
-                call_id=call.call_id,
-                tool=call.tool,
-                content=result.content,
-                is_error=result.is_error,
-                data=result.data,
+        try:
+            results = trio.from_thread.run(
+                execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel), allowed
             )
-            self.emit(observation, Source.TOOL)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                # Every action gets its observation, so the log (and a model reading it on
+                # the next run) never shows a call without an answer.
+                for call in calls:
+                    self._observe(call, STOPPED_BEFORE_RESULT)
+            raise
+        for call, result in zip(calls, results, strict=True):
+            self._observe(call, result)
         return results
+
+    def _observe(self, call: ToolCall, result: ToolResult) -> None:
+        observation = ObservationPayload(
+            call_id=call.call_id,
+            tool=call.tool,
+            content=result.content,
+            is_error=result.is_error,
+            data=result.data,
+        )
+        self.emit(observation, Source.TOOL)
 
     def check_cancelled(self) -> None:
         trio.from_thread.check_cancelled()

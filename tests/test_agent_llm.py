@@ -351,3 +351,25 @@ async def test_llm_parallel_calls_with_one_slot_and_two_tool_threads_all_finish(
                 observed = await events(sup, conversation_id, "observation")
                 assert [e.payload.content.splitlines()[0] for e in observed] == ["0", "1", "2"]  # type: ignore[union-attr]
     assert_all_returned(sup)
+
+
+async def test_llm_resumes_after_an_interrupted_tool_call_with_a_valid_history(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """A call cut short by interrupt still gets a tool message in the next request."""
+    provider.add(tool_call_reply([("terminal", {"command": "touch started; sleep 300"})]))
+    conversation = await new_conversation(sup, llm(provider), initial_message="go")
+    await sup.start_run(conversation.id)
+    marker = sup.settings.workspaces_path / conversation.workspace / "started"
+    with trio.fail_after(15):
+        while not await trio.to_thread.run_sync(marker.exists):
+            await trio.sleep(0.01)  # poll interval: the command has started
+        await sup.interrupt(conversation.id)
+        provider.add(text_reply("resumed"))
+        run = await sup.start_run(conversation.id)
+        ended = await sup.wait_run(conversation.id, run.id, 10)
+    assert ended is not None and ended.status is Status.FINISHED
+    messages = provider.requests[1].body["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[3]["tool_call_id"] == messages[2]["tool_calls"][0]["id"]
+    assert "stopped before this call returned" in messages[3]["content"]

@@ -119,8 +119,9 @@ def alive(pid: int) -> bool:
 async def test_interrupt_mid_batch_kills_commands_and_skips_pending(
     settings: Settings, store: SqliteStore
 ) -> None:
-    """Interrupt during a batch of 3 calls on 2 tool tokens: the 2 running commands die and
-    the pending call never starts (which 2 start first is up to the scheduler)."""
+    """Interrupt during a batch of 3 calls on 2 tool tokens: the 2 running commands die, the
+    pending call never starts (which 2 start first is up to the scheduler), and every call
+    is answered by a "stopped" observation."""
     async with supervised(settings, store, tool_threads=2) as sup:
         calls = [terminal(f"echo $$ > tmp.{n} && mv tmp.{n} pid.{n}; sleep 300") for n in range(3)]
         conversation = await new_conversation(sup, script(calls))
@@ -135,7 +136,8 @@ async def test_interrupt_mid_batch_kills_commands_and_skips_pending(
         assert (ended.status, ended.reason) == (Status.PAUSED, "interrupt")
         assert not any(alive(pid) for pid in pids)
         assert len(list(directory.glob("pid.*"))) == 2
-        assert await events(sup, conversation.id, "observation") == []
+        observed = [e.payload for e in await events(sup, conversation.id, "observation")]
+        assert [o.data for o in observed] == [{"stopped": True}] * 3  # type: ignore[union-attr]
 
 
 async def test_script_finish_and_unknown_tools(settings: Settings, store: SqliteStore) -> None:
