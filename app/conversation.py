@@ -79,7 +79,6 @@ class RunContext:
     agent_spec: dict[str, Any]
     registry: AgentRegistry
     max_iterations: int
-    tool_limiter: trio.CapacityLimiter
     control: RunControl
     tools: ToolRegistry
     tool_env: ToolEnvironment
@@ -107,7 +106,7 @@ class RunContext:
         return trio.from_thread.run(afn, *args)
 
     def run_tools(self, calls: Sequence[Callable[[], T]]) -> list[T]:
-        return trio.from_thread.run(run_in_tool_threads, calls, self.tool_limiter)
+        return trio.from_thread.run(run_in_tool_threads, calls, self.tool_env.tool_limiter)
 
     def tool_schema(self, name: str) -> dict[str, Any] | None:
         return self.tools.schema(name) if self.tools.get(name) is not None else None

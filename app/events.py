@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -95,13 +95,8 @@ Payload = Annotated[
 ]
 
 #: The ``kind`` values that exist, for validating search filters.
-EVENT_KINDS: tuple[str, ...] = (
-    "message",
-    "status",
-    "error",
-    "action",
-    "observation",
-    "llm_call",
+EVENT_KINDS: tuple[str, ...] = tuple(
+    str(model.model_fields["kind"].default) for model in get_args(get_args(Payload)[0])
 )
 
 

@@ -113,7 +113,6 @@ def run_context(
         agent_spec=conversation.agent,
         registry=shared.registry,
         max_iterations=conversation.max_iterations,
-        tool_limiter=shared.tool_limiter,
         control=handle.control,
         tools=shared.tools,
         tool_env=tool_env,

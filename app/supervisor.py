@@ -203,7 +203,7 @@ class RunSupervisor:
             for earlier in runs:
                 earlier.stop("interrupt")
         handle = RunHandle(str(uuid.uuid4()), conversation_id, previous=runs[-1] if runs else None)
-        self._register(handle)
+        self._runs.add(handle)
         if handle.previous is None:
             self._waiting_for_slot.join(handle.run_id)
         # Shielded: once the run is recorded, its task must start, or the record would be
@@ -253,9 +253,6 @@ class RunSupervisor:
                 retry_after_seconds=self.settings.queue_full_retry_after_seconds,
                 detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
             )
-
-    def _register(self, handle: RunHandle) -> None:
-        self._runs.add(handle)
 
     # -- control -------------------------------------------------------------------------
 
