@@ -6,6 +6,7 @@ kinds on an :class:`AgentRegistry` and tools on a :class:`ToolRegistry`. Test do
 ``app.testing`` (gated agents) and ``app.testing_llm`` (a fake model provider).
 """
 
+from app._version import __version__
 from app.agents import (
     CONTINUE,
     Agent,
@@ -26,8 +27,6 @@ from app.supervisor import RunSupervisor, open_run_supervisor
 from app.tools.base import Tool, ToolEnvironment, ToolResult
 from app.tools.calls import ToolCall, ToolRegistry, default_tools
 from app.web import create_app
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CONTINUE",

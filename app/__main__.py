@@ -1,4 +1,4 @@
-"""``python -m app``: the command line (see ``app/cli.py``)."""
+"""``python -m app``: the command line (see ``app/cli/``)."""
 
 import sys
 

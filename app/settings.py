@@ -1,30 +1,73 @@
-"""Settings: one validated record, read from defaults < TOML file < environment < CLI flags.
+"""Settings: one validated record, merged per field from four sources.
 
-Every setting is documented in ``config/default.toml``; a test keeps that file and the
-defaults below equal. Unknown keys are errors wherever they come from (a TOML key, a
-``TRELLIS_*`` environment variable, a keyword argument), so a typo stops start-up with a
-message naming the key instead of being silently ignored.
+The sources, later wins, *per field* (a nested table merges key by key, so
+``TRELLIS_LLM__MODEL`` changes the model and keeps the file's ``[llm] base_url``):
+
+1. the defaults below (documented, with comments, in ``config/default.toml``; a test keeps
+   that file and these defaults equal);
+2. a TOML file (``--config FILE`` or ``$TRELLIS_CONFIG``);
+3. environment variables ``TRELLIS_<NAME>``, ``TRELLIS_<TABLE>__<KEY>`` for a table key;
+4. the command line (``load_settings``'s keyword overrides).
+
+How each source treats a mistake:
+
+* an unknown key in the TOML file is an error (that file is ours to get right);
+* an unknown ``TRELLIS_*`` variable is a warning naming it, with a "did you mean" for a near
+  miss: environments are shared with other tools, and a stray variable must not stop a server;
+* a bad value from any source is an error naming where it came from
+  (``env TRELLIS_PORT='abc': ...``, ``config file x.toml: port: ...``, ``--port 'abc': ...``).
+
+Secrets: a value is never repeated in a message when its name looks secret (contains KEY,
+TOKEN, SECRET or PASSWORD). Settings themselves hold no secret: the model API key is read
+from the environment *by name* (``llm.api_key_env``) when a request is made. A test keeps it
+that way, which is what lets ``GET /api/server`` show every setting.
 
 Errors:
-    :class:`SettingsError` (a ``ValueError``) with one line per offending key.
+    :class:`SettingsError` (a ``ValueError``), one ``; ``-separated line naming every
+    offending key and its source.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.settings_sources import (
+    SettingsError,
+    describe_errors,
+    environ_layer,
+    merge_layers,
+    overrides_layer,
+    toml_layer,
+)
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "ENV_PREFIX",
+    "LLMSettings",
+    "ResolvedSettings",
+    "Settings",
+    "SettingsError",
+    "UnknownSettingWarning",
+    "load_settings",
+    "resolve_settings",
+]
 
 ENV_PREFIX = "TRELLIS_"
 CONFIG_ENV_VAR = "TRELLIS_CONFIG"
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 
-class SettingsError(ValueError):
-    """A setting is unknown or has a bad value; the message names every offending key."""
+
+class UnknownSettingWarning(UserWarning):
+    """A ``TRELLIS_*`` environment variable names no setting; it was ignored."""
 
 
 class LLMSettings(BaseModel):
@@ -32,52 +75,107 @@ class LLMSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_url: str = Field("http://127.0.0.1:8080/v1", pattern=r"^https?://")
-    model: str = Field("default", min_length=1)
-    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    max_retries: int = Field(4, ge=0, le=20)
-    request_timeout_seconds: float = Field(120.0, gt=0, le=3600)
-    connect_timeout_seconds: float = Field(10.0, gt=0, le=600)
-    backoff_base_seconds: float = Field(0.5, ge=0, le=60)
-    backoff_max_seconds: float = Field(30.0, ge=0, le=3600)
+    base_url: str = Field(
+        "http://127.0.0.1:8080/v1",
+        pattern=r"^https?://",
+        description="OpenAI-compatible Chat Completions endpoint (ending in /v1).",
+    )
+    model: str = Field("default", min_length=1, description="Model name sent with requests.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (not the key).",
+    )
+    max_retries: int = Field(
+        4, ge=0, le=20, description="Retries of a request after 429, 5xx or a connection error."
+    )
+    request_timeout_seconds: float = Field(
+        120.0, gt=0, le=3600, description="Time limit of one model request."
+    )
+    connect_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Time limit for connecting to the endpoint."
+    )
+    backoff_base_seconds: float = Field(
+        0.5, ge=0, le=60, description="First retry delay; doubles each retry, with jitter."
+    )
+    backoff_max_seconds: float = Field(
+        30.0, ge=0, le=3600, description="Longest retry delay (a Retry-After header wins)."
+    )
+    step_timeout_seconds: float = Field(
+        600.0, gt=0, le=86_400, description="Time limit of one step's request, retries included."
+    )
 
 
 class Settings(BaseModel):
     """Everything the server, the supervisor and the store can be tuned with.
 
-    ``Settings(...)`` takes only what it is given; :func:`load_settings` is the one place
-    that reads files and the environment, in the documented order.
+    ``Settings(...)`` takes only what it is given and reads nothing; :func:`load_settings`
+    is the one place that reads files and the environment, in the documented order.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", description="Interface to bind.")
+    host: str = Field("127.0.0.1", description="Interface to bind (loopback only for now).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-    data_dir: Path = Field(Path("./data"), description="Directory holding trellis.sqlite3.")
+    data_dir: Path = Field(
+        Path("./data"), description="Directory holding the database; one server at a time."
+    )
 
-    max_concurrent_runs: int = Field(10, ge=0, le=10_000)
-    max_queued_runs: int = Field(1000, ge=0, le=1_000_000)
-    io_threads: int = Field(8, ge=1, le=256)
-    tool_threads: int = Field(16, ge=1, le=1024)
+    max_concurrent_runs: int = Field(
+        10, ge=0, le=10_000, description="Run slots: runs executing at once; 0 holds the line."
+    )
+    max_queued_runs: int = Field(
+        1000, ge=0, le=1_000_000, description="Runs allowed to wait for a run slot."
+    )
+    io_threads: int = Field(
+        8, ge=1, le=256, description="Worker threads for store I/O done for HTTP handlers."
+    )
+    tool_threads: int = Field(
+        16, ge=1, le=1024, description="Worker threads for tool calls, server-wide."
+    )
 
     workspaces_dir: Path = Field(
         Path("workspaces"), description="Conversation workspaces; relative to data_dir."
     )
-    command_timeout_seconds: float = Field(120.0, gt=0, le=86_400)
-    max_command_timeout_seconds: float = Field(600.0, gt=0, le=86_400)
-    max_tool_output_bytes: int = Field(32_768, ge=1024, le=16 * 1024 * 1024)
+    command_timeout_seconds: float = Field(
+        120.0, gt=0, le=86_400, description="Default time limit of one terminal command."
+    )
+    max_command_timeout_seconds: float = Field(
+        600.0, gt=0, le=86_400, description="Largest time limit a terminal command may ask for."
+    )
+    max_tool_output_bytes: int = Field(
+        32_768,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Command output kept for the model (head and tail).",
+    )
     command_env_passthrough: list[str] = Field(
         default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR"],
         description="Environment variables the terminal tool's commands inherit.",
     )
 
-    max_iterations: int = Field(100, ge=1, le=1_000_000)
-    queue_full_retry_after_seconds: int = Field(5, ge=1, le=3600)
-    shutdown_grace_seconds: float = Field(10.0, gt=0, le=3600)
-    resume_on_start: bool = False
-    max_request_bytes: int = Field(1_048_576, ge=1024, le=1 << 30)
-    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
-    llm: LLMSettings = Field(default_factory=LLMSettings)
+    max_iterations: int = Field(
+        100, ge=1, le=1_000_000, description="Default step limit of one run."
+    )
+    queue_full_retry_after_seconds: int = Field(
+        5, ge=1, le=3600, description="Retry-After (seconds) sent with 429 run_queue_full."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, gt=0, le=3600, description="On SIGTERM, how long run threads get to stop."
+    )
+    resume_on_start: bool = Field(
+        False, description="Re-queue runs a crash interrupted, instead of pausing them."
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, le=1 << 30, description="Largest accepted request body (bytes)."
+    )
+    log_level: LogLevel = Field("info", description="Least severe log level written.")
+    log_format: LogFormat = Field(
+        "text", description="Log lines on stderr: text for people, json for log shippers."
+    )
+    llm: LLMSettings = Field(
+        default_factory=LLMSettings, description="Defaults of the llm agent kind."
+    )
 
     @property
     def database_path(self) -> Path:
@@ -90,79 +188,58 @@ class Settings(BaseModel):
         return self.data_dir / self.workspaces_dir  # an absolute workspaces_dir wins
 
 
-def load_settings(
-    config_file: str | Path | None = None,
-    environ: dict[str, str] | None = None,
-    **overrides: Any,
-) -> Settings:
-    """Build :class:`Settings` from a TOML file, ``TRELLIS_*`` variables and overrides.
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """What :func:`resolve_settings` found: the settings, and warnings to show the operator."""
 
-    ``config_file`` defaults to ``$TRELLIS_CONFIG`` when that is set. ``overrides`` (the CLI
-    flags) win over the environment, which wins over the file.
+    settings: Settings
+    warnings: list[str]
+
+
+def resolve_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ResolvedSettings:
+    """Merge the four sources into :class:`Settings`; return it with the warnings found.
+
+    ``environ`` defaults to ``os.environ``; ``config_file`` to ``$TRELLIS_CONFIG`` when that
+    is set. ``overrides`` are the command-line layer (errors name them as flags); a ``None``
+    value, at any depth, is no override.
 
     Errors:
-        :class:`SettingsError` naming each unknown key or bad value.
+        :class:`SettingsError` naming each unknown key or bad value, and its source.
     """
-    environ = dict(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
     if config_file is None:
         config_file = environ.get(CONFIG_ENV_VAR)
-    values: dict[str, Any] = {}
+    layers = []
     if config_file is not None:
-        values.update(_read_toml(Path(config_file)))
-    values.update(_read_environ(environ))
-    values.update({key: value for key, value in overrides.items() if value is not None})
+        layers.append(toml_layer(Path(config_file)))
+    env, notes = environ_layer(environ, Settings, prefix=ENV_PREFIX, skip={CONFIG_ENV_VAR})
+    layers += [env, overrides_layer(overrides or {})]
+    values, origins = merge_layers(layers)
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(describe_errors(exc, origins, Settings)) from None
+    return ResolvedSettings(settings, notes)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            return tomllib.load(file)
-    except OSError as exc:
-        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """:func:`resolve_settings` for programs: warnings become :class:`UnknownSettingWarning`.
 
+    ``load_settings(port=0, llm={"model": "m"})`` merges the overrides over the file and the
+    environment field by field.
 
-def _read_environ(environ: dict[str, str]) -> dict[str, Any]:
-    known = set(Settings.model_fields)
-    values: dict[str, Any] = {}
-    unknown: list[str] = []
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV_VAR:
-            continue
-        key = name.removeprefix(ENV_PREFIX).lower()
-        table, _, sub_key = key.partition("__")  # TRELLIS_LLM__MODEL → [llm] model
-        if sub_key and table in known:
-            values.setdefault(table, {})[sub_key] = value
-        elif key in known:
-            # A list setting takes a JSON array: TRELLIS_COMMAND_ENV_PASSTHROUGH='["PATH"]'.
-            values[key] = _json_array_or_text(value)
-        else:
-            unknown.append(name)
-    if unknown:
-        raise SettingsError(
-            "; ".join(f"{name}: unknown setting (see config/default.toml)" for name in unknown)
-        )
-    return values
-
-
-def _json_array_or_text(value: str) -> Any:
-    if value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass  # left as text: validation names the setting
-    return value
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "settings"
-        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
-        lines.append(f"{key}: {message}")
-    return "; ".join(lines)
+    Errors:
+        :class:`SettingsError`, as :func:`resolve_settings`.
+    """
+    resolved = resolve_settings(config_file, environ, overrides)
+    for note in resolved.warnings:
+        warnings.warn(note, UnknownSettingWarning, stacklevel=2)
+    return resolved.settings

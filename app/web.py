@@ -2,29 +2,43 @@
 
 Lifetime (who owns what):
 
-* ``before_serving`` opens the SQLite store and starts the supervisor with
-  ``await app.nursery.start(supervisor.serve)`` — quart-trio's ``app.nursery`` lives in the
-  ASGI lifespan task, so runs live exactly as long as the app serves.
+* ``before_serving`` starts the supervisor with ``await app.nursery.start(supervisor.serve)``
+  — quart-trio's ``app.nursery`` lives in the ASGI lifespan task, so runs live exactly as
+  long as the app serves. Without a ``store`` argument it first opens the SQLite store
+  itself (tests use ``app.test_app()`` this way); ``python -m app serve`` opens the store
+  beforehand, so that a data directory that cannot be used fails before anything serves.
 * ``after_serving`` drains the supervisor (every run stopped with reason ``shutdown``, every
-  thread joined, every final status stored) and closes the store. Hypercorn cancels the
-  lifespan nursery right after this returns, so nothing may be left running in it.
+  thread joined, every final status stored) and closes the store *if it opened it* — a
+  store passed in belongs to the caller. Hypercorn cancels the lifespan nursery right after
+  this returns, so nothing may be left running in it.
 
-``python -m app serve`` drains earlier, as soon as the signal arrives (see ``app/cli.py``);
-the drain in ``after_serving`` then finds nothing left to do.
+``python -m app serve`` drains earlier, as soon as the signal arrives (see
+``app/cli/serving.py``); the drain in ``after_serving`` then finds nothing left to do.
+
+Every request is logged as one line when its response is ready: method, path (never the
+query string), status and milliseconds — never headers or bodies.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import trio
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
 from app.api import conversations, events, openapi, runs, server
 from app.api.errors import register_error_handlers
+from app.logs import log_fields
 from app.settings import Settings
+from app.store.base import EventStore
 from app.store.sqlite import SqliteStore
 from app.supervisor import RunSupervisor
 from app.tools.calls import ToolRegistry
+
+request_log = logging.getLogger("trellis.http")
 
 
 def create_app(
@@ -32,8 +46,13 @@ def create_app(
     *,
     registry: AgentRegistry | None = None,
     tools: ToolRegistry | None = None,
+    store: EventStore | None = None,
 ) -> QuartTrio:
-    """Build the app. Nothing is opened until the app starts serving."""
+    """Build the app. Nothing is opened until the app starts serving.
+
+    ``store``: an open store to serve; the caller keeps it and closes it after the app
+    stopped serving. Without one, the app opens ``settings.database_path`` and closes it.
+    """
     settings = settings or Settings()
     app = QuartTrio("trellis", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -41,15 +60,19 @@ def create_app(
     for module in (conversations, runs, events, server, openapi):
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
+    _log_requests(app)
+    # Blocking store open/close go to a thread on a limiter of their own (never Trio's
+    # default one).
+    lifetime_limiter = trio.CapacityLimiter(1)
 
     @app.before_serving
     async def open_supervisor() -> None:
-        # Opening creates the schema: blocking, so in a thread, on a limiter of its own
-        # (never Trio's default one).
-        store = await trio.to_thread.run_sync(
-            SqliteStore, settings.database_path, limiter=trio.CapacityLimiter(1)
-        )
-        supervisor = RunSupervisor(settings, store, registry, tools)
+        opened = store
+        if opened is None:
+            opened = await trio.to_thread.run_sync(
+                SqliteStore, settings.database_path, limiter=lifetime_limiter
+            )
+        supervisor = RunSupervisor(settings, opened, registry, tools)
         app.extensions["trellis.supervisor"] = supervisor
         await app.nursery.start(supervisor.serve)
 
@@ -57,6 +80,29 @@ def create_app(
     async def close_supervisor() -> None:
         supervisor: RunSupervisor = app.extensions["trellis.supervisor"]
         await supervisor.aclose()
-        await trio.to_thread.run_sync(supervisor.store.close, limiter=trio.CapacityLimiter(1))
+        if store is None:  # the store this app opened
+            await trio.to_thread.run_sync(supervisor.store.close, limiter=lifetime_limiter)
 
     return app
+
+
+def _log_requests(app: QuartTrio) -> None:
+    """One line per request: ``GET /api/server 200 1.3ms``, plus the same as fields."""
+
+    @app.before_request
+    async def start_clock() -> None:
+        g.trellis_started = time.perf_counter()
+
+    @app.after_request
+    async def log_request(response: Response) -> Response:
+        started = g.get("trellis_started")
+        ms = round((time.perf_counter() - started) * 1000, 1) if started is not None else None
+        log_fields(
+            request_log,
+            "{method} {path} {status} {ms}ms",
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            ms=ms,
+        )
+        return response
