@@ -13,7 +13,9 @@
     ├── PayloadTooLarge               413 payload_too_large
     ├── InvalidInput                  422 validation_error
     ├── RunQueueFull                  429 run_queue_full    (+ Retry-After)
-    └── ShuttingDown                  503 shutting_down
+    ├── ShuttingDown                  503 shutting_down
+    └── StoreUnavailable              503 store_unavailable (app/store/faults.py: disk
+                                                             full, I/O error, read-only)
 
 The supervisor and the store raise these; the HTTP layer (``app/api/errors.py``) maps any of
 them to ``{"error": {"code", "message", "detail"}}`` with :attr:`TrellisError.status`.

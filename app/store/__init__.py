@@ -8,6 +8,7 @@ from app.store.base import (
     NewConversation,
     Order,
 )
+from app.store.faults import StoreUnavailable
 from app.store.sqlite import SqliteStore
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "NewConversation",
     "Order",
     "SqliteStore",
+    "StoreUnavailable",
 ]

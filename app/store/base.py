@@ -10,6 +10,7 @@ before the method returns it, so anything returned or published is already durab
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.events import EVENT_KINDS, Event, Payload, Source
 from app.lifecycle import Status, Trigger
 from app.records import ConversationRecord, RunRecord
+from app.store.faults import StoreHealth
+from app.store.idempotency import Answer, IdempotentWrite
 
 MAX_PAGE_SIZE = 1000
 
@@ -55,8 +58,22 @@ class ConversationPage:
 
 
 @dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to record together with another write (a new conversation, a message)."""
+
+    run_id: str
+    reason: str = "user"
+    #: Becomes the conversation's current run at once (false: it waits for an earlier
+    #: active run of the conversation and is activated later).
+    activate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class NewConversation:
-    """What ``create_conversation`` needs; ``request_hash`` guards idempotency keys."""
+    """What ``create_conversation`` needs; ``request_hash`` guards idempotency keys.
+
+    With ``run``, the conversation's first run is recorded in the same transaction.
+    """
 
     agent: dict[str, Any]
     title: str | None
@@ -65,13 +82,38 @@ class NewConversation:
     workspace: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    run: NewRun | None = None
+    #: The new conversation's id (a UUID); ``None``: the store makes one.
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageWritten:
+    """What ``append_message`` wrote: the user's message event, and the run recorded with
+    it (if one was asked for) with the conversation as the write left it."""
+
+    event: Event
+    run: RunRecord | None
+    conversation: ConversationRecord
 
 
 class EventStore(Protocol):
     def close(self) -> None: ...
+    def health(self) -> StoreHealth:
+        """Whether writes are failing for a storage reason; never blocks."""
+        ...
+
+    def probe(self) -> StoreHealth:
+        """Try a tiny write and report the health it leaves (blocking)."""
+        ...
 
     # conversations
-    def create_conversation(self, new: NewConversation) -> tuple[ConversationRecord, bool]: ...
+    def create_conversation(
+        self,
+        new: NewConversation,
+        answer: Callable[[ConversationRecord], Answer] | None = None,
+    ) -> tuple[ConversationRecord, bool]: ...
+    def check_idempotency_key(self, key: str, request_hash: str) -> None: ...
     def get_conversation(self, conversation_id: str) -> ConversationRecord: ...
     def cached_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """A record held in memory, or ``None``; never blocks (callable from Trio)."""
@@ -85,8 +127,15 @@ class EventStore(Protocol):
 
     # runs
     def create_run(
-        self, conversation_id: str, *, run_id: str, activate: bool, reason: str
+        self,
+        conversation_id: str,
+        *,
+        run_id: str,
+        activate: bool,
+        reason: str,
+        idempotent: IdempotentWrite[RunRecord] | None = None,
     ) -> tuple[RunRecord, ConversationRecord]: ...
+    def get_runs(self, run_ids: list[str]) -> list[RunRecord]: ...
     def activate_run(self, run_id: str, *, reason: str) -> RunRecord: ...
     def transition_run(
         self, run_id: str, trigger: Trigger, *, reason: str, error: str | None = None
@@ -103,6 +152,14 @@ class EventStore(Protocol):
     def append_event(
         self, conversation_id: str, run_id: str | None, source: Source, payload: Payload
     ) -> Event: ...
+    def append_message(
+        self,
+        conversation_id: str,
+        payload: Payload,
+        *,
+        run: NewRun | None = None,
+        idempotent: IdempotentWrite[MessageWritten] | None = None,
+    ) -> MessageWritten: ...
     def search_events(self, conversation_id: str, query: EventQuery) -> EventPage: ...
     def count_events(self, conversation_id: str, query: EventQuery) -> int: ...
     def get_event(self, conversation_id: str, event_id: str) -> Event: ...

@@ -47,3 +47,7 @@ class RecordCache:
     def drop(self, conversation_id: str) -> None:
         """Write lock held."""
         self._records.pop(conversation_id, None)
+
+    def clear(self) -> None:
+        """Write lock held: forget every record (after a failed refresh, none is trusted)."""
+        self._records.clear()

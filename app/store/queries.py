@@ -111,13 +111,6 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def find_idempotency_key(conn: sqlite3.Connection, key: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT request_hash, conversation_id FROM idempotency_keys WHERE key = ?", (key,)
-    ).fetchone()
-    return row
-
-
 def _event_filters(conversation_id: str, query: EventQuery) -> tuple[str, list[Any]]:
     clauses = ["conversation_id = ?"]
     params: list[Any] = [conversation_id]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: health_probe table, idempotency_keys.answer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -67,9 +67,23 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     key             TEXT PRIMARY KEY,
     request_hash    TEXT NOT NULL,
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    answer          TEXT              -- JSON {status, headers, body}: the first answer
 ) WITHOUT ROWID;
+
+-- One row, rewritten by Connections.probe(): a write that touches no user data, so that
+-- readiness learns that writes work again (space returned) even when nobody else writes.
+CREATE TABLE IF NOT EXISTS health_probe (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    probed_at       TEXT NOT NULL
+);
 """
+
+#: The probe's write: insert the one row, or rewrite it (parameter: the time, ISO 8601).
+PROBE_WRITE = (
+    "INSERT INTO health_probe (id, probed_at) VALUES (1, ?)"
+    " ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at"
+)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -90,7 +104,19 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def initialize(connection: sqlite3.Connection) -> None:
-    """Switch the file to WAL (stored in the file) and create what is missing."""
+    """Switch the file to WAL (stored in the file), create what is missing and bring a
+    version-1 file up to date.
+
+    Errors: ``RuntimeError`` for a file written by a newer Trellis (nothing is changed).
+    """
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database has schema version {version}, newer than this Trellis"
+            f" understands ({SCHEMA_VERSION}); upgrade Trellis or use another data_dir"
+        )
     connection.execute("PRAGMA journal_mode = WAL")
     connection.executescript(SCHEMA)
+    if version == 1:  # 1 -> 2: keys keep the first answer (old keys have none: no replay)
+        connection.execute("ALTER TABLE idempotency_keys ADD COLUMN answer TEXT")
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

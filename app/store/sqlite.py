@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from app.errors import IdempotencyKeyReused, NotFound
+from app.errors import NotFound
 from app.events import (
     Event,
     LLMCallPayload,
@@ -30,9 +30,24 @@ from app.events import (
 from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
-from app.store.base import ConversationPage, EventPage, EventQuery, NewConversation
+from app.store.base import (
+    ConversationPage,
+    EventPage,
+    EventQuery,
+    MessageWritten,
+    NewConversation,
+    NewRun,
+)
 from app.store.cache import RecordCache
 from app.store.connections import Connections
+from app.store.faults import StoreHealth
+from app.store.idempotency import Answer, IdempotentWrite, check_key, save_key
+
+R = TypeVar("R")
+
+#: Ids per ``IN (...)`` query: SQLite allows 32,766 parameters; smaller chunks keep each
+#: statement cheap to prepare.
+_IDS_PER_QUERY = 500
 
 
 def _new_id() -> str:
@@ -47,7 +62,9 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._cache = RecordCache()
         self._touched: set[str] = set()  # conversations the current write transaction changed
-        self._db = Connections(self.path, after_commit=self._refresh_cached)
+        self._db = Connections(
+            self.path, after_commit=self._refresh_cached, on_cache_error=self._cache.clear
+        )
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
@@ -55,6 +72,14 @@ class SqliteStore:
     def close(self) -> None:
         """Close every connection this store opened, from any thread."""
         self._db.close()
+
+    def health(self) -> StoreHealth:
+        """Whether the last write failed for a storage reason. Never blocks."""
+        return self._db.health()
+
+    def probe(self) -> StoreHealth:
+        """Try a tiny write (blocking) and report the health it leaves."""
+        return self._db.probe()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -80,24 +105,29 @@ class SqliteStore:
 
     # -- conversations -----------------------------------------------------------------
 
-    def create_conversation(self, new: NewConversation) -> tuple[ConversationRecord, bool]:
-        """Create a conversation (and its first user message); ``False`` on a key replay.
+    def create_conversation(
+        self,
+        new: NewConversation,
+        answer: Callable[[ConversationRecord], Answer] | None = None,
+    ) -> tuple[ConversationRecord, bool]:
+        """Create a conversation, its first user message and (``new.run``) its first run,
+        in one transaction; ``False`` on a key replay that has no stored answer.
+
+        With ``new.idempotency_key``, the key is stored with the conversation, and so is
+        ``answer(record)`` when given.
 
         Errors:
-            :class:`~app.errors.IdempotencyKeyReused` when the key was used for another body.
+            :class:`~app.store.idempotency.Replayed` when the key was used for this same
+            request and its answer was stored; :class:`~app.errors.IdempotencyKeyReused`
+            when it was used for another request.
         """
+        key, request_hash = new.idempotency_key, new.request_hash or ""
         with self._write() as conn:
-            if new.idempotency_key is not None:
-                existing = queries.find_idempotency_key(conn, new.idempotency_key)
+            if key is not None:
+                existing = check_key(conn, key, request_hash)
                 if existing is not None:
-                    if existing["request_hash"] != new.request_hash:
-                        raise IdempotencyKeyReused(
-                            "this Idempotency-Key was already used with a different request "
-                            "body; use a new key for a new conversation",
-                            detail={"idempotency_key": new.idempotency_key},
-                        )
-                    return self._conversation(conn, existing["conversation_id"]), False
-            conversation_id = _new_id()
+                    return self._conversation(conn, existing), False
+            conversation_id = new.id or _new_id()
             now = utc_now().isoformat()
             conn.execute(
                 "INSERT INTO conversations (id, title, status, agent, max_iterations,"
@@ -113,15 +143,25 @@ class SqliteStore:
                     now,
                 ),
             )
-            if new.idempotency_key is not None:
-                conn.execute(
-                    "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?)",
-                    (new.idempotency_key, new.request_hash, conversation_id, now),
-                )
             if new.initial_message is not None:
                 message = MessagePayload(text=new.initial_message)
                 self._append(conn, conversation_id, None, Source.USER, message)
-            return self._conversation(conn, conversation_id), True
+            if new.run is not None:
+                self._insert_run(conn, self._conversation(conn, conversation_id), new.run)
+            record = self._conversation(conn, conversation_id)
+            if key is not None:
+                stored = answer(record) if answer is not None else None
+                save_key(conn, key, request_hash, conversation_id, now, stored)
+            return record, True
+
+    def check_idempotency_key(self, key: str, request_hash: str) -> None:
+        """Raise what a keyed write with this key would raise, without writing.
+
+        Errors: :class:`~app.store.idempotency.Replayed`,
+        :class:`~app.errors.IdempotencyKeyReused`.
+        """
+        with self._read() as conn:
+            check_key(conn, key, request_hash)
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord:
         """The conversation, from the cache or read (and cached) under the write lock."""
@@ -176,24 +216,65 @@ class SqliteStore:
     # -- runs --------------------------------------------------------------------------
 
     def create_run(
-        self, conversation_id: str, *, run_id: str, activate: bool, reason: str
+        self,
+        conversation_id: str,
+        *,
+        run_id: str,
+        activate: bool,
+        reason: str,
+        idempotent: IdempotentWrite[RunRecord] | None = None,
     ) -> tuple[RunRecord, ConversationRecord]:
         """Record a new ``queued`` run; with ``activate`` it becomes the conversation's run.
 
         Returns the run and the conversation as they are after the change. A run created
         behind an earlier active run of the same conversation is activated later
-        (:meth:`activate_run`), when that run has ended.
+        (:meth:`activate_run`), when that run has ended. With ``idempotent``, the key and
+        the answer rendered from the run are stored in the same transaction.
+
+        Errors: as :meth:`create_conversation` for the key; NotFound; IllegalTransition.
         """
         with self._write() as conn:
+            if idempotent is not None:
+                check_key(conn, idempotent.key, idempotent.request_hash)
             conversation = self._conversation(conn, conversation_id)
-            conn.execute(
-                "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (run_id, conversation_id, Status.QUEUED.value, reason, utc_now().isoformat()),
-            )
-            if activate:
-                self._activate(conn, conversation, run_id, reason)
-            return self._run(conn, run_id), self._conversation(conn, conversation_id)
+            run = self._insert_run(conn, conversation, NewRun(run_id, reason, activate))
+            if idempotent is not None:
+                self._save_answer(conn, idempotent, conversation_id, run)
+            return run, self._conversation(conn, conversation_id)
+
+    def _insert_run(
+        self, conn: sqlite3.Connection, conversation: ConversationRecord, new: NewRun
+    ) -> RunRecord:
+        conn.execute(
+            "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (new.run_id, conversation.id, Status.QUEUED.value, new.reason, utc_now().isoformat()),
+        )
+        if new.activate:
+            self._activate(conn, conversation, new.run_id, new.reason)
+        return self._run(conn, new.run_id)
+
+    def _save_answer(
+        self,
+        conn: sqlite3.Connection,
+        idempotent: IdempotentWrite[R],
+        conversation_id: str,
+        result: R,
+    ) -> None:
+        now = utc_now().isoformat()
+        answer = idempotent.answer(result)
+        save_key(conn, idempotent.key, idempotent.request_hash, conversation_id, now, answer)
+
+    def get_runs(self, run_ids: list[str]) -> list[RunRecord]:
+        """The runs with these ids that exist, in the order given."""
+        by_id: dict[str, RunRecord] = {}
+        with self._read() as conn:
+            for start in range(0, len(run_ids), _IDS_PER_QUERY):
+                chunk = run_ids[start : start + _IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT * FROM runs WHERE id IN ({marks})", chunk)
+                by_id.update((row["id"], queries.run_from_row(row)) for row in rows)
+        return [by_id[run_id] for run_id in run_ids if run_id in by_id]
 
     def activate_run(self, run_id: str, *, reason: str) -> RunRecord:
         """Make a queued run its conversation's current run (conversation → ``queued``)."""
@@ -395,6 +476,29 @@ class SqliteStore:
             ),
         )
         return event
+
+    def append_message(
+        self,
+        conversation_id: str,
+        payload: Payload,
+        *,
+        run: NewRun | None = None,
+        idempotent: IdempotentWrite[MessageWritten] | None = None,
+    ) -> MessageWritten:
+        """Commit a user message and, with ``run``, the run it asks for: one transaction.
+
+        Errors: as :meth:`create_run`.
+        """
+        with self._write() as conn:
+            if idempotent is not None:
+                check_key(conn, idempotent.key, idempotent.request_hash)
+            event = self._append(conn, conversation_id, None, Source.USER, payload)
+            conversation = self._conversation(conn, conversation_id)
+            record = None if run is None else self._insert_run(conn, conversation, run)
+            written = MessageWritten(event, record, self._conversation(conn, conversation_id))
+            if idempotent is not None:
+                self._save_answer(conn, idempotent, conversation_id, written)
+            return written
 
     def search_events(self, conversation_id: str, query: EventQuery) -> EventPage:
         with self._read() as conn:
