@@ -67,6 +67,9 @@ class RunControl:
     pause_requested: bool = False
     stop_reason: str | None = None
     thread_started: bool = False  # set by the run thread; read after it returned
+    end_recorded: bool = False  # set by the run thread once its final status is committed
+    ended_as: str | None = None  # "status/reason" of the end, for the run's log line
+    steps: int = 0  # completed steps, for the log line
 
 
 @dataclass(eq=False)
@@ -84,9 +87,9 @@ class RunContext:
     tool_env: ToolEnvironment
     state: dict[str, Any] = field(default_factory=dict)
 
-    def history(self) -> list[Event]:
+    def history(self, after_seq: int = 0) -> list[Event]:
         events: list[Event] = []
-        after = 0
+        after = after_seq
         while True:
             page = self.store.search_events(
                 self.conversation_id, EventQuery(after_seq=after, limit=1000)
@@ -120,16 +123,25 @@ class RunContext:
         for call in calls:
             arguments = _as_object(call.arguments)
             self.emit(ActionPayload(call_id=call.call_id, tool=call.tool, arguments=arguments))
+        # Filled in on the Trio side as each call returns; read here once it is all over.
+        returned: list[ToolResult | None] = [None] * len(calls)
         try:
             results = trio.from_thread.run(
-                execute_calls, calls, self.tools, self.tool_env, max(1, max_parallel), allowed
+                execute_calls,
+                calls,
+                self.tools,
+                self.tool_env,
+                max(1, max_parallel),
+                allowed,
+                returned,
             )
         except BaseException as exc:
             if is_cancellation(exc):
                 # Every action gets its observation, so the log (and a model reading it on
-                # the next run) never shows a call without an answer.
-                for call in calls:
-                    self._observe(call, STOPPED_BEFORE_RESULT)
+                # the next run) never shows a call without an answer: the real result of a
+                # call that returned before the stop, "stopped" for the others.
+                for call, result in zip(calls, returned, strict=True):
+                    self._observe(call, result or STOPPED_BEFORE_RESULT)
             raise
         for call, result in zip(calls, results, strict=True):
             self._observe(call, result)
@@ -169,8 +181,12 @@ def run_conversation(ctx: RunContext) -> None:
         as ``paused`` with ``control.stop_reason`` and then re-raised to the run task.
 
     Errors:
-        An ``Exception`` from the agent is recorded (``error`` event, status ``error``,
-        reason ``agent_error``) and not re-raised: one failing run never affects another.
+        Anything else the agent raises — an ``Exception``, but also ``SystemExit``,
+        ``KeyboardInterrupt`` or any other ``BaseException`` raised *in this thread* — is
+        recorded (``error`` event naming the exception, status ``error``, reason
+        ``agent_error``) and not re-raised: one failing run never affects another. Only a
+        failure to record (the store refused the write) propagates; the run task then
+        records the end itself.
     """
     store, run_id = ctx.store, ctx.run_id
     ctx.control.thread_started = True
@@ -182,11 +198,13 @@ def run_conversation(ctx: RunContext) -> None:
         _loop(ctx, ctx.registry.create(ctx.agent_spec))
     except BaseException as exc:
         if is_cancellation(exc):
-            store.transition_run(run_id, Trigger.STOP, reason=ctx.control.stop_reason or "shutdown")
+            _end(ctx, Trigger.STOP, ctx.control.stop_reason or "shutdown")
             raise
-        if not isinstance(exc, Exception):
-            raise
-        _fail(ctx, f"{exc}", type(exc).__name__, reason="agent_error")
+        if ctx.control.end_recorded:
+            raise  # the end is on record; what failed came after it
+        # A BaseException's text alone rarely says what happened (SystemExit(3) is "3").
+        message = str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {exc}"
+        _fail(ctx, message, type(exc).__name__, reason="agent_error")
 
 
 def _loop(ctx: RunContext, agent: Agent) -> None:
@@ -194,7 +212,7 @@ def _loop(ctx: RunContext, agent: Agent) -> None:
     while True:
         ctx.check_cancelled()
         if ctx.control.pause_requested:
-            ctx.store.transition_run(ctx.run_id, Trigger.STOP, reason="pause")
+            _end(ctx, Trigger.STOP, "pause")
             return
         if steps >= ctx.max_iterations:
             message = f"the run reached max_iterations ({ctx.max_iterations} steps)"
@@ -202,15 +220,23 @@ def _loop(ctx: RunContext, agent: Agent) -> None:
             return
         result = agent.step(ctx)
         steps += 1
+        ctx.control.steps = steps
         ctx.store.save_progress(ctx.run_id, steps=steps, agent_state=ctx.state)
         if result.done:
-            ctx.store.transition_run(ctx.run_id, Trigger.FINISH, reason="agent_finished")
+            _end(ctx, Trigger.FINISH, "agent_finished")
             return
 
 
 def _fail(ctx: RunContext, message: str, error_type: str, *, reason: str) -> None:
     ctx.emit(ErrorPayload(message=message, error_type=error_type), Source.SYSTEM)
-    ctx.store.transition_run(ctx.run_id, Trigger.FAIL, reason=reason, error=message)
+    _end(ctx, Trigger.FAIL, reason, error=message)
+
+
+def _end(ctx: RunContext, trigger: Trigger, reason: str, error: str | None = None) -> None:
+    """Commit the run's final status, and say so to the run task."""
+    run = ctx.store.transition_run(ctx.run_id, trigger, reason=reason, error=error)
+    ctx.control.end_recorded = True
+    ctx.control.ended_as = f"{run.status.value}/{reason}"
 
 
 def is_cancellation(exc: BaseException) -> bool:

@@ -30,8 +30,17 @@ class RunHandle:
 
     ``previous`` is the run of the same conversation admitted just before this one, if it
     was still active: this run waits for ``previous.done`` so that two runs of one
-    conversation never overlap. ``holds_slot`` is true from the moment the run task got a
-    run slot until its thread has returned.
+    conversation never overlap.
+
+    ``holds_slot`` is true from the moment the run was given a run slot (at admission when
+    one is free, else when it reaches the head of the line and a slot frees up) until its
+    thread has returned; ``seated`` is set at that same moment.
+
+    Three cancel scopes, because the run's thread is hosted apart from the run task (see
+    ``app/run_task.py``): ``cancel_scope`` covers the run task's waiting, ``thread_scope``
+    the thread itself (what ``check_cancelled`` and calls into Trio see), and
+    ``abandon_scope`` the run task's shielded wait for a thread that was told to stop —
+    cancelled only when the supervisor gives up on a thread that ignores cancellation.
     """
 
     run_id: str
@@ -39,24 +48,33 @@ class RunHandle:
     previous: RunHandle | None
     control: RunControl = field(default_factory=RunControl)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    thread_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    abandon_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    seated: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     holds_slot: bool = False
+    #: The conversation's workspace directory name, once the run is recorded.
+    workspace: str | None = None
 
     def stop(self, reason: str) -> None:
-        """Cancel the run; the first reason given is the one recorded."""
+        """Cancel the run (waiting or running); the first reason given is the one recorded."""
         if self.control.stop_reason is None:
             self.control.stop_reason = reason
         self.cancel_scope.cancel()
+        self.thread_scope.cancel()
+
+    def abandon(self) -> None:
+        """Stop waiting for the run's thread: its end is recorded without it (last resort)."""
+        self.abandon_scope.cancel()
 
 
 class ActiveRuns:
     """The handles of every queued or running run: by id in admission order, and by
-    conversation oldest first. Keeps the count of runs holding a slot."""
+    conversation oldest first."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, RunHandle] = {}
         self._by_conversation: dict[str, list[RunHandle]] = {}
-        self.holding_slots = 0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -76,15 +94,13 @@ class ActiveRuns:
         self._by_conversation.setdefault(handle.conversation_id, []).append(handle)
 
     def remove(self, handle: RunHandle) -> None:
-        del self._by_id[handle.run_id]
+        """Forget the handle (no-op if it is not registered)."""
+        if self._by_id.pop(handle.run_id, None) is None:
+            return
         runs = self._by_conversation[handle.conversation_id]
         runs.remove(handle)
         if not runs:
             del self._by_conversation[handle.conversation_id]
-
-    def set_holds_slot(self, handle: RunHandle, holds_slot: bool) -> None:
-        self.holding_slots += int(holds_slot) - int(handle.holds_slot)
-        handle.holds_slot = holds_slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,33 @@
-"""One admitted run: wait for its turn, hold a run slot while its thread runs, record its end.
+"""One admitted run: wait for its turn, run its thread, record its end — always.
 
-Ownership: admission (``RunSupervisor.admit_run``) registers the run's handle and starts
-:func:`run_admitted` in the supervisor's nursery. From then on the task owns the handle: it
-unregisters it when it ends — normally, by error or by cancellation — which sets
-``handle.done`` for whoever waits (the next run of the conversation, ``drain``, ``wait_run``).
+Ownership: admission (``RunSupervisor``) registers the run's handle, gives it a run slot or
+a place in the line, and starts :func:`run_admitted` in the supervisor's nursery. From then
+on the run task owns the handle: whatever happens, it records the run's end (unless the
+thread already did) and unregisters the handle, which sets ``handle.done`` for whoever
+waits (the next run of the conversation, ``drain``, ``wait_run``, delete).
+
+The run's thread is *hosted* by a small system task (:func:`_host_thread`), not by the run
+task itself. Normally nothing changes: the run task waits for the host, the host waits for
+the thread. The indirection exists for the last resort: a thread that ignores cancellation
+(a custom agent blocking without a cancellation point) cannot be killed, and a task
+waiting for it with ``abandon_on_cancel=False`` could never finish — nor could the nursery
+around it. Here the supervisor can *abandon* such a run after its grace period: the run
+task records the end and returns, the supervisor closes on time, and the host keeps the run
+slot until the thread really returns.
 
 Cancellation:
-    ``handle.cancel_scope`` covers the waiting and the thread. Cancelled while waiting, the
-    run never starts a thread and the task records it ``paused`` itself (shielded). Cancelled
-    while its thread runs, the thread stops at its next cancellation point and records its
-    own end; the run slot is released only after the thread has returned.
+    ``handle.cancel_scope`` covers the waiting; ``handle.thread_scope`` the thread (what its
+    ``check_cancelled`` and its calls into Trio see). ``handle.stop()`` cancels both. A run
+    cancelled while waiting never starts a thread. If the run task itself is cancelled
+    from outside (its nursery), it passes the stop on to the thread and waits for it,
+    shielded, until the thread returns or the run is abandoned.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,8 +35,8 @@ from typing import Any, TypeVar
 import trio
 
 from app.agents.registry import AgentRegistry
-from app.conversation import RunContext, run_conversation
-from app.errors import IllegalTransition, NotFound
+from app.conversation import RunContext, is_cancellation, run_conversation
+from app.end_ledger import EndLedger
 from app.handles import ActiveRuns, RunHandle
 from app.lifecycle import Trigger
 from app.records import ConversationRecord
@@ -35,7 +47,7 @@ from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolRegistry
 
 T = TypeVar("T")
-log = logging.getLogger("trellis.supervisor")
+log = logging.getLogger("trellis.runs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +60,13 @@ class RunShared:
     tool_limiter: trio.CapacityLimiter
     store: EventStore
     io_limiter: trio.CapacityLimiter
-    run_limiter: trio.CapacityLimiter
-    #: Admission is decided by ``run_limiter``, whose token the run task holds. to_thread
-    #: still needs *a* limiter and must not use Trio's default one: this unbounded one only
-    #: counts the run threads that are alive.
+    #: Admission is decided by the slot line, which holds run-limiter tokens on behalf of
+    #: runs. to_thread still needs *a* limiter and must not use Trio's default one: this
+    #: unbounded one only counts the run threads that are alive.
     run_threads: trio.CapacityLimiter
     line: SlotLine
     runs: ActiveRuns
+    ends: EndLedger
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
@@ -70,23 +82,29 @@ async def run_admitted(
 ) -> None:
     """Wait for the conversation, then for a slot, then run the thread; always record.
 
-    Catches ``Exception`` (logged and recorded on the run) so that one failing run never
-    cancels its siblings; ``trio.Cancelled`` from outside propagates after the final status
-    is written.
+    Never raises ``Exception``: a failure outside the agent is logged and recorded on the
+    run (``error``, reason ``internal_error``), so one failing run never cancels its
+    siblings. ``trio.Cancelled`` propagates once the end is recorded.
     """
-    ctx = run_context(handle, conversation, shared)
+    admitted = time.monotonic()
+    failure: BaseException | None = None
+    hosted = False
     try:
         with handle.cancel_scope:
             await _wait_for_turn(handle, shared)
-            await _run_in_slot(handle, ctx, shared)
-    except Exception:
-        log.exception("run %s failed outside its agent", handle.run_id)
-        await record_end(handle, Trigger.FAIL, "internal_error", shared)
+            ctx = run_context(handle, conversation, shared)
+            _log_start(handle, admitted)
+            hosted = True
+            failure = await _run_thread(handle, ctx, shared)
+    except Exception as exc:
+        failure = exc
     finally:
-        if not handle.control.thread_started:
-            reason = handle.control.stop_reason or "shutdown"
-            await record_end(handle, Trigger.STOP, reason, shared)
-        unregister(handle, shared)
+        with trio.CancelScope(shield=True):
+            if not hosted:
+                shared.line.release(handle)  # seated, cancelled before its thread started
+            await _record_end_if_missing(handle, failure, shared)
+            unregister(handle, shared)
+            _log_end(handle, admitted)
 
 
 def run_context(
@@ -126,35 +144,111 @@ def unregister(handle: RunHandle, shared: RunShared) -> None:
     handle.done.set()
 
 
-async def record_end(handle: RunHandle, trigger: Trigger, reason: str, shared: RunShared) -> None:
+async def record_end(
+    handle: RunHandle, trigger: Trigger, reason: str, shared: RunShared, error: str | None = None
+) -> None:
     """Record the run's end from the Trio side (shielded: also during cancellation).
 
-    Never raises ``Exception``: a store failure here is logged, so that it cannot take the
-    supervisor's nursery, and every sibling run, down with it.
+    Never raises ``Exception``: when the store refuses the write (disk full, I/O error),
+    the end goes to the supervisor's :class:`~app.end_ledger.EndLedger`, which retries it
+    until the store takes it — a run never stays ``running`` with no thread behind it.
     """
     with trio.CancelScope(shield=True):
-        try:
-            await shared.io(shared.store.transition_run, handle.run_id, trigger, reason=reason)
-        except (IllegalTransition, NotFound):
-            pass  # already ended (its thread recorded it), or deleted meanwhile
-        except Exception:
-            log.exception("could not record the end of run %s", handle.run_id)
+        await shared.ends.record(handle.run_id, trigger, reason, error)
+
+
+async def _record_end_if_missing(
+    handle: RunHandle, failure: BaseException | None, shared: RunShared
+) -> None:
+    control = handle.control
+    if control.end_recorded:
+        if failure is not None and not is_cancellation(failure):
+            log.error("run %s failed after its end was recorded", handle.run_id, exc_info=failure)
+        return
+    if failure is None or is_cancellation(failure):
+        reason = control.stop_reason or "shutdown"
+        control.ended_as = f"paused/{reason}"
+        await record_end(handle, Trigger.STOP, reason, shared)
+        return
+    log.error("run %s failed outside its agent", handle.run_id, exc_info=failure)
+    error = f"{type(failure).__name__}: {failure}"
+    control.ended_as = "error/internal_error"
+    await record_end(handle, Trigger.FAIL, "internal_error", shared, error=error)
 
 
 async def _wait_for_turn(handle: RunHandle, shared: RunShared) -> None:
     if handle.previous is not None:
         await handle.previous.done.wait()
         await shared.io(shared.store.activate_run, handle.run_id, reason="enqueued_run")
-        shared.line.join(handle.run_id)
-    await shared.line.wait_for_slot(handle.run_id, borrower=handle)
+        shared.line.admit(handle)
+    await shared.line.wait_until_seated(handle)
 
 
-async def _run_in_slot(handle: RunHandle, ctx: RunContext, shared: RunShared) -> None:
-    shared.runs.set_holds_slot(handle, True)
+async def _run_thread(
+    handle: RunHandle, ctx: RunContext, shared: RunShared
+) -> BaseException | None:
+    """Start the run's thread (hosted by a system task) and wait for it to return.
+
+    Returns what the thread raised, if anything (``None`` when it returned normally).
+
+    Cancellation:
+        If this task is cancelled, the stop is passed on to the thread (``handle.stop``)
+        and the wait continues, shielded, until the thread returns — or until the
+        supervisor abandons the run (``handle.abandon()``), which is the only way this
+        function returns while the thread still runs.
+    """
+    returned = trio.Event()
+    raised: list[BaseException] = []
+    trio.lowlevel.spawn_system_task(
+        _host_thread, handle, ctx, shared, returned, raised, name=f"run-thread {handle.run_id}"
+    )
     try:
-        await trio.to_thread.run_sync(
-            run_conversation, ctx, limiter=shared.run_threads, abandon_on_cancel=False
-        )
+        await returned.wait()
+    except trio.Cancelled:
+        handle.stop(handle.control.stop_reason or "shutdown")
+        with trio.CancelScope(shield=True), handle.abandon_scope:
+            await returned.wait()
+        raise
+    return raised[0] if raised else None
+
+
+async def _host_thread(
+    handle: RunHandle,
+    ctx: RunContext,
+    shared: RunShared,
+    returned: trio.Event,
+    raised: list[BaseException],
+) -> None:
+    """The run thread's host (a system task: it must never raise). It alone releases the
+    run slot, and only once the thread has returned."""
+    try:
+        with handle.thread_scope:
+            await trio.to_thread.run_sync(
+                run_conversation, ctx, limiter=shared.run_threads, abandon_on_cancel=False
+            )
+    except BaseException as exc:  # reported to the run task, never out of a system task
+        raised.append(exc)
     finally:
-        shared.runs.set_holds_slot(handle, False)
-        shared.run_limiter.release_on_behalf_of(handle)
+        shared.line.release(handle)
+        returned.set()
+
+
+def _log_start(handle: RunHandle, admitted: float) -> None:
+    log.info(
+        "run started: conversation=%s run=%s waited_ms=%.0f",
+        handle.conversation_id,
+        handle.run_id,
+        (time.monotonic() - admitted) * 1000,
+    )
+
+
+def _log_end(handle: RunHandle, admitted: float) -> None:
+    control = handle.control
+    log.info(
+        "run ended: conversation=%s run=%s as=%s steps=%d duration_ms=%.0f",
+        handle.conversation_id,
+        handle.run_id,
+        control.ended_as or "unknown",
+        control.steps,
+        (time.monotonic() - admitted) * 1000,
+    )

@@ -1,15 +1,18 @@
 """The run supervisor: admits runs, queues them fairly, runs them in threads, stops them.
 
 Think of the run slots as a sofa with ``max_concurrent_runs`` seats (a
-:class:`trio.CapacityLimiter`): a run sits down before its thread starts and stands up only
-after its thread has returned. Runs that find the sofa full wait in a FIFO line whose order
-is the order they will sit down — that order is their ``queue_position``.
+:class:`trio.CapacityLimiter`): a run sits down when it is admitted, or later when it
+reaches the head of the line and a seat frees up, and stands up only after its thread has
+returned. The line's order is the order runs sit down — that order is their
+``queue_position`` (see ``app/slot_line.py``, and ``app/admission.py`` for why admission is
+decided synchronously).
 
 Ownership::
 
     RunSupervisor.serve()            one nursery for every run task; lives as long as the
-    └── run_admitted(handle)         app (or the ``open_run_supervisor`` block); run_task.py
-        └── to_thread: run_conversation(ctx)      the run thread, one per running run
+    ├── EndLedger retry task         app (or the ``open_run_supervisor`` block)
+    └── run_admitted(handle)         run_task.py: waits, runs, always records the end
+        └── (system task) hosts to_thread: run_conversation(ctx)   one run thread
             └── to_thread (tool limiter): tool calls
 
 Three limiters, never shared: ``run_limiter`` (run slots), ``io_limiter`` (short store calls
@@ -17,28 +20,34 @@ made for HTTP handlers, via :meth:`io`) and ``tool_limiter`` (tool calls inside 
 Nothing here runs on Trio's default thread limiter.
 
 Cancellation:
-    Every run task has its own cancel scope (``handle.cancel_scope``). Interrupt, delete and
-    drain cancel it; a queued run then leaves the line without starting a thread, a running
-    one stops at its next cancellation point (see ``app/conversation.py``). The run slot is
-    released only after the thread has returned. :meth:`drain` returns once every thread has
-    returned and every final status is stored.
+    Interrupt, delete and drain call ``handle.stop()``: a queued run then leaves the line
+    without starting a thread, a running one stops at its next cancellation point (see
+    ``app/conversation.py``). The run slot is released only after the thread has returned.
+    Shutdown is bounded: :meth:`drain` gives threads ``shutdown_grace_seconds``; a thread
+    that ignores cancellation longer is *abandoned* — its run is recorded ``paused`` and the
+    supervisor closes on time, though the thread itself (Python threads cannot be killed)
+    runs on until it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
 
+from app.admission import Admission
 from app.agents.registry import AgentRegistry, default_registry
+from app.end_ledger import EndLedger
 from app.errors import (
+    Conflict,
     ConversationBusy,
     IllegalTransition,
     NotFound,
@@ -63,6 +72,10 @@ log = logging.getLogger("trellis.supervisor")
 INTERRUPT_JOIN_SECONDS = 1.0
 
 
+class WorkspaceInUse(Conflict):
+    code = "workspace_in_use"
+
+
 class RunSupervisor:
     """Owns every run. Create it with :func:`open_run_supervisor` (or ``await nursery.start(
     supervisor.serve)``); all methods are called from the Trio thread."""
@@ -83,7 +96,7 @@ class RunSupervisor:
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
         self.max_queued_runs = settings.max_queued_runs
         self._runs = ActiveRuns()
-        self._waiting_for_slot = SlotLine(self.run_limiter)  # FIFO: the sofa's waiting line
+        self._line = SlotLine(self.run_limiter)
         self._shared = RunShared(
             settings=settings,
             registry=self.registry,
@@ -91,11 +104,12 @@ class RunSupervisor:
             tool_limiter=self.tool_limiter,
             store=store,
             io_limiter=self.io_limiter,
-            run_limiter=self.run_limiter,
             run_threads=trio.CapacityLimiter(math.inf),
-            line=self._waiting_for_slot,
+            line=self._line,
             runs=self._runs,
+            ends=EndLedger(self._write_end),
         )
+        self._abandoned: list[RunHandle] = []  # gave up on their threads; may hold slots
         self._deleting: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._draining = False
@@ -124,44 +138,81 @@ class RunSupervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._shared.ends.retry_until_closed)
                 if self.settings.resume_on_start:
-                    for conversation_id in touched:
-                        await self.start_run(
-                            conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
-                        )
+                    await self._resume(touched)
                 task_status.started(self)
                 await self._closing.wait()
+                await self._shared.ends.retry_now()
+                nursery.cancel_scope.cancel()  # the retry task; every run has ended
         finally:
             self._nursery = None  # admits nothing more, however serve() ended
+            with trio.CancelScope(shield=True):
+                await self.registry.aclose()  # e.g. the llm provider's HTTP client
 
-    async def aclose(self, reason: str = "shutdown") -> None:
-        """Drain, then let :meth:`serve` return. Idempotent."""
-        await self.drain(reason)
+    async def _resume(self, conversation_ids: list[str]) -> None:
+        """``resume_on_start``: queue what fits; leave the rest paused, and say so."""
+        for index, conversation_id in enumerate(conversation_ids):
+            try:
+                await self.start_run(
+                    conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
+                )
+            except RunQueueFull:
+                left = len(conversation_ids) - index
+                log.warning(
+                    "resume_on_start: %d conversation(s) left paused: the queue is full"
+                    " (max_queued_runs = %d); start their runs later",
+                    left,
+                    self.max_queued_runs,
+                )
+                return
+
+    async def aclose(self, reason: str = "shutdown") -> int:
+        """Drain (bounded by ``shutdown_grace_seconds``), then let :meth:`serve` return.
+
+        Idempotent. Returns how many runs were abandoned (see :meth:`drain`).
+        """
+        abandoned = await self.drain(reason)
         self._closing.set()
+        return abandoned
 
-    async def drain(self, reason: str = "shutdown") -> None:
+    async def drain(self, reason: str = "shutdown", *, grace_seconds: float | None = None) -> int:
         """Refuse new runs, stop every queued and running run, wait for all of them.
 
-        Returns when every run thread has returned and every final status (``paused`` with
-        ``reason``) is committed.
+        Returns once every run's final status is committed (``paused`` with ``reason``)
+        and every run thread has returned — or, for threads that ignore cancellation past
+        ``grace_seconds`` (default: ``shutdown_grace_seconds``), once their runs were
+        recorded without them. Returns how many runs were abandoned that way (0 normally).
         """
         self._draining = True
         handles = list(self._runs)
         for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
             handle.stop(reason)
-        for handle in handles:
+        if grace_seconds is None:
+            grace_seconds = self.settings.shutdown_grace_seconds
+        stuck = await self._join(handles, grace_seconds)
+        if stuck:
+            log.error(
+                "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
+                " recorded their runs as paused and gave up waiting for them",
+                stuck,
+                grace_seconds,
+            )
+        return stuck
+
+    async def _join(self, handles: list[RunHandle], timeout_seconds: float) -> int:
+        """Wait for the runs to end; abandon those whose threads outlast the timeout.
+        Returns how many were abandoned."""
+        with trio.move_on_after(timeout_seconds):
+            for handle in handles:
+                await handle.done.wait()
+        stuck = [handle for handle in handles if not handle.done.is_set()]
+        for handle in stuck:
+            self._abandoned.append(handle)
+            handle.abandon()
+        for handle in stuck:  # their tasks record the end, then unregister
             await handle.done.wait()
-
-    async def record_unfinished(self, reason: str) -> int:
-        """Last resort after a drain that timed out: record every run whose thread is still
-        alive as stopped (``paused``, ``reason``). Returns how many there were.
-
-        The threads themselves cannot be stopped; the caller is about to exit the process.
-        """
-        unfinished = [handle for handle in self._runs if not handle.done.is_set()]
-        for handle in unfinished:
-            await record_end(handle, Trigger.STOP, reason, self._shared)
-        return len(unfinished)
+        return len(stuck)
 
     @property
     def draining(self) -> bool:
@@ -173,6 +224,9 @@ class RunSupervisor:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
         return await self._shared.io(fn, *args, **kwargs)
 
+    async def _write_end(self, run_id: str, trigger: Trigger, **kwargs: Any) -> RunRecord:
+        return await self.io(self.store.transition_run, run_id, trigger, **kwargs)
+
     # -- admission -----------------------------------------------------------------------
 
     async def start_run(
@@ -180,7 +234,7 @@ class RunSupervisor:
     ) -> RunRecord:
         """Admit a run of the conversation and return its record (status ``queued``).
 
-        Errors: as :meth:`admit_run`.
+        Errors: as :meth:`admit`.
         """
         run, _ = await self.admit_run(conversation_id, if_busy=if_busy, reason=reason)
         return run
@@ -188,41 +242,84 @@ class RunSupervisor:
     async def admit_run(
         self, conversation_id: str, *, if_busy: IfBusy = IfBusy.REJECT, reason: str = "user"
     ) -> tuple[RunRecord, ConversationRecord]:
-        """:meth:`start_run`, also returning the conversation as the admission left it.
+        """:meth:`start_run`, also returning the conversation as the admission left it."""
+
+        def write(admission: Admission) -> tuple[RunRecord, ConversationRecord]:
+            return self.store.create_run(
+                conversation_id,
+                run_id=admission.run_id,
+                activate=admission.activate,
+                reason=admission.reason,
+            )
+
+        (run, conversation), admission = await self.admit(
+            conversation_id, write, lambda result: result[1], if_busy=if_busy, reason=reason
+        )
+        return admission.present(run), conversation
+
+    async def admit(
+        self,
+        conversation_id: str,
+        write: Callable[[Admission], T],
+        conversation_of: Callable[[T], ConversationRecord],
+        *,
+        if_busy: IfBusy = IfBusy.REJECT,
+        reason: str = "user",
+    ) -> tuple[T, Admission]:
+        """Admit a run: reserve its place now, record it with ``write``, then start it.
+
+        ``write(admission)`` runs in a worker thread (I/O limiter) and must record the run
+        (``admission.run_id``, activated if ``admission.activate``) in one transaction,
+        with whatever else belongs to the request (a new conversation, a message);
+        ``conversation_of(result)`` picks the conversation record out of its result.
 
         Errors:
-            :class:`~app.errors.NotFound`; :class:`~app.errors.ConversationBusy` (``reject``
-            while a run is active); :class:`~app.errors.RunQueueFull`;
-            :class:`~app.errors.ShuttingDown`.
+            :class:`~app.errors.ShuttingDown`; :class:`~app.errors.NotFound` (being
+            deleted); :class:`~app.errors.ConversationBusy` (``reject`` while a run is
+            active); :class:`~app.errors.RunQueueFull`; whatever ``write`` raises. In
+            every error case nothing was admitted, and ``write``'s transaction, if it ran,
+            was rolled back.
         """
-        # From here to the store write, no checkpoint: the checks and the registration of
-        # the handle happen atomically with respect to other requests.
-        self.check_admission(conversation_id, if_busy=if_busy)
-        runs = self._runs.of_conversation(conversation_id)
-        if if_busy is IfBusy.INTERRUPT:
-            for earlier in runs:
-                earlier.stop("interrupt")
-        handle = RunHandle(str(uuid.uuid4()), conversation_id, previous=runs[-1] if runs else None)
-        self._runs.add(handle)
-        if handle.previous is None:
-            self._waiting_for_slot.join(handle.run_id)
+        admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason)
         # Shielded: once the run is recorded, its task must start, or the record would be
         # left queued with nobody to run it.
         with trio.CancelScope(shield=True):
             try:
-                record, conversation = await self.io(
-                    self.store.create_run,
-                    conversation_id,
-                    run_id=handle.run_id,
-                    activate=handle.previous is None,
-                    reason=reason,
-                )
+                result = await self.io(write, admission)
             except BaseException:
-                unregister(handle, self._shared)
+                self._undo(admission)
                 raise
-        assert self._nursery is not None
+            await self._launch(admission, conversation_of(result))
+        return result, admission
+
+    def _reserve(self, conversation_id: str, *, if_busy: IfBusy, reason: str) -> Admission:
+        """Step 1 of admission (synchronous: nothing interleaves with the decision)."""
+        self.check_admission(conversation_id, if_busy=if_busy)
+        earlier = self._runs.of_conversation(conversation_id)
+        handle = RunHandle(
+            str(uuid.uuid4()), conversation_id, previous=earlier[-1] if earlier else None
+        )
+        self._runs.add(handle)
+        position = self._line.admit(handle) if handle.previous is None else None
+        replaces = earlier if if_busy is IfBusy.INTERRUPT else []
+        return Admission(handle, position, reason, replaces)
+
+    def _undo(self, admission: Admission) -> None:
+        """The write failed: give the slot or the place to the next run; forget the run."""
+        self._line.release(admission.handle)
+        unregister(admission.handle, self._shared)
+
+    async def _launch(self, admission: Admission, conversation: ConversationRecord) -> None:
+        handle = admission.handle
+        handle.workspace = conversation.workspace
+        for earlier in admission.replaces:
+            earlier.stop("interrupt")
+        if self._nursery is None:  # serve() ended during the write: record, don't run
+            self._line.release(handle)
+            await record_end(handle, Trigger.STOP, "shutdown", self._shared)
+            unregister(handle, self._shared)
+            return
         self._nursery.start_soon(run_admitted, handle, conversation, self._shared)
-        return self.with_position(record), conversation
 
     def check_admission(
         self, conversation_id: str | None = None, *, if_busy: IfBusy = IfBusy.ENQUEUE
@@ -245,7 +342,7 @@ class RunSupervisor:
                 "after it or if_busy=interrupt to replace it",
                 detail={"run_id": runs[-1].run_id},
             )
-        queued = len(self._runs) - self._runs.holding_slots
+        queued = self._queued()
         if queued >= self.max_queued_runs:
             raise RunQueueFull(
                 f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
@@ -253,6 +350,12 @@ class RunSupervisor:
                 retry_after_seconds=self.settings.queue_full_retry_after_seconds,
                 detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
             )
+
+    def _queued(self) -> int:
+        """Active runs without a slot: in the line, or behind their conversation's run."""
+        self._abandoned = [handle for handle in self._abandoned if handle.holds_slot]
+        holding = self._line.seated - len(self._abandoned)
+        return len(self._runs) - holding
 
     # -- control -------------------------------------------------------------------------
 
@@ -265,12 +368,15 @@ class RunSupervisor:
             :class:`~app.errors.IllegalTransition` (409) when nothing is active.
         """
         current, *later = self._runs_of(conversation_id, action="pause")
-        for handle in later:
-            handle.stop("pause")
         current.control.pause_requested = True
-        if not current.holds_slot:
-            current.stop("pause")
-        else:
+        stopped = later if current.holds_slot else [current, *later]
+        for handle in stopped:
+            handle.stop("pause")
+        if stopped:  # they have no thread: their tasks record them paused right away
+            with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
+                for handle in stopped:
+                    await handle.done.wait()
+        if current.holds_slot:
             # IllegalTransition: its thread has not recorded "running" yet (it will see the
             # flag at its first boundary), or the run has just ended.
             with contextlib.suppress(IllegalTransition):
@@ -297,21 +403,53 @@ class RunSupervisor:
         self, conversation_id: str, *, delete_workspace: bool = False
     ) -> None:
         """Stop the conversation's runs (reason ``deleted``), wait for them, delete it all —
-        with ``delete_workspace``, its workspace directory too."""
+        with ``delete_workspace``, its workspace directory too.
+
+        Bounded: a run whose thread ignores cancellation for ``shutdown_grace_seconds`` is
+        recorded without it (see :meth:`drain`), and the deletion goes on.
+
+        Errors:
+            :class:`~app.errors.NotFound`; ``WorkspaceInUse`` (409, nothing deleted) when
+            ``delete_workspace`` names a workspace that another conversation's active run
+            works in.
+        """
         conversation = await self.io(self.store.get_conversation, conversation_id)
+        if delete_workspace:
+            self._check_workspace_free(conversation)
         self._deleting.add(conversation_id)
         try:
             handles = self._runs.of_conversation(conversation_id)
             for handle in handles:
                 handle.stop("deleted")
-            for handle in handles:
-                await handle.done.wait()
+            await self._join(handles, self.settings.shutdown_grace_seconds)
             await self.io(self.store.delete_conversation, conversation_id)
             if delete_workspace:
-                workspace = self.settings.workspaces_path / conversation.workspace
-                await self.io(shutil.rmtree, workspace, ignore_errors=True)
+                await self._delete_workspace(conversation)
         finally:
             self._deleting.discard(conversation_id)
+
+    def _check_workspace_free(self, conversation: ConversationRecord) -> None:
+        users = [
+            handle.conversation_id
+            for handle in self._runs
+            if handle.workspace == conversation.workspace
+            and handle.conversation_id != conversation.id
+        ]
+        if users:
+            raise WorkspaceInUse(
+                f"the workspace {conversation.workspace!r} is used by an active run of another"
+                " conversation; delete without delete_workspace, or stop that run first",
+                detail={"workspace": conversation.workspace, "conversation_id": users[0]},
+            )
+
+    async def _delete_workspace(self, conversation: ConversationRecord) -> None:
+        try:
+            self._check_workspace_free(conversation)
+        except WorkspaceInUse:
+            log.warning("workspace %r kept: a run started in it meanwhile", conversation.workspace)
+            return
+        workspace = self.settings.workspaces_path / conversation.workspace
+        await self.io(shutil.rmtree, workspace, ignore_errors=True)
 
     async def wait_run(
         self, conversation_id: str, run_id: str, timeout_seconds: float
@@ -342,47 +480,54 @@ class RunSupervisor:
 
     def queue_position(self, run_id: str) -> int | None:
         """1-based place in the line for a run slot (= the order runs will start)."""
-        return self._waiting_for_slot.position(run_id)
+        return self._line.position(run_id)
 
     def with_position(self, record: RunRecord) -> RunRecord:
         """``record`` with its live ``queue_position`` filled in."""
-        if record.id not in self._waiting_for_slot:
+        position = self._line.position(record.id)
+        if position is None:
             return record
-        return record.model_copy(update={"queue_position": self.queue_position(record.id)})
+        return record.model_copy(update={"queue_position": position})
 
-    def active_runs(self) -> list[tuple[str, bool, int | None]]:
-        """``(run_id, holds_slot, queue_position)`` of every active run: those holding a slot
-        first, then the slot line in start order, then runs waiting for their conversation."""
-        holding = [(h.run_id, True, None) for h in self._runs if h.holds_slot]
-        line = [(run_id, False, n) for n, run_id in enumerate(self._waiting_for_slot, start=1)]
-        behind = [
-            (h.run_id, False, None)
-            for h in self._runs
-            if not h.holds_slot and h.run_id not in self._waiting_for_slot
-        ]
-        result: list[tuple[str, bool, int | None]] = [*holding, *line, *behind]
-        return result
+    def active_runs(
+        self, limit: int | None = None, *, running: bool | None = None
+    ) -> list[tuple[str, bool, int | None]]:
+        """``(run_id, holds_slot, queue_position)`` of active runs: those holding a slot
+        first, then the slot line in start order, then runs waiting for their conversation.
+        ``running`` keeps only runs that hold (True) or wait for (False) a slot. At most
+        ``limit``: found without walking the rest of a long line."""
+        parts: list[Iterable[tuple[str, bool, int | None]]] = []
+        if running in (None, True):
+            parts.append((h.run_id, True, None) for h in self._runs if h.holds_slot)
+        if running in (None, False):
+            parts.append((run_id, False, n) for n, run_id in enumerate(self._line, start=1))
+            parts.append(
+                (h.run_id, False, None)
+                for h in self._runs
+                if not h.holds_slot and h.run_id not in self._line
+            )
+        return list(itertools.islice(itertools.chain(*parts), limit))
 
     # -- limits and statistics -----------------------------------------------------------
 
     def set_limits(
         self, *, max_concurrent_runs: int | None = None, max_queued_runs: int | None = None
     ) -> None:
-        """Change limits at runtime. Raising run slots starts waiting runs at once; lowering
+        """Change limits at runtime. Raising run slots seats waiting runs at once; lowering
         them preempts nobody; 0 pauses admission. Lowering ``max_queued_runs`` refuses new
         runs only."""
         if max_concurrent_runs is not None:
             self.run_limiter.total_tokens = max_concurrent_runs
+            self._line.fill()
         if max_queued_runs is not None:
             self.max_queued_runs = max_queued_runs
 
     def statistics(self) -> SupervisorStatistics:
-        running = self._runs.holding_slots
         io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()
         return SupervisorStatistics(
-            running=running,
-            queued=len(self._runs) - running,
-            waiting_for_slot=len(self._waiting_for_slot),
+            running=self._line.seated,
+            queued=self._queued(),
+            waiting_for_slot=len(self._line),
             run_threads_alive=self._shared.run_threads.borrowed_tokens,
             max_concurrent_runs=int(self.run_limiter.total_tokens),
             max_queued_runs=self.max_queued_runs,
@@ -407,7 +552,8 @@ async def open_run_supervisor(
     """Run a :class:`RunSupervisor` for the duration of the block, in any Trio program.
 
     On exit (normal, error or cancellation) every run is stopped with reason ``shutdown``
-    and joined: no run thread outlives the block.
+    and joined, within ``shutdown_grace_seconds``: a run thread that ignores cancellation
+    longer is abandoned (its run recorded ``paused``) so that the block still ends on time.
     """
     supervisor = RunSupervisor(settings, store, registry, tools)
     async with trio.open_nursery() as nursery:

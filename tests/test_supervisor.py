@@ -308,7 +308,21 @@ async def test_supervisor_wait_run_times_out_then_returns_the_ended_run(
         gates["a"].release()
         run = await supervisor.wait_run(conversation_id, run_id, 5)
     assert run is not None and run.status is Status.FINISHED
-    assert "running" in repr(supervisor) and "io" in repr(supervisor)
+
+
+async def test_supervisor_repr_shows_live_numbers(supervisor: RunSupervisor, gates: Gates) -> None:
+    """The repr shows running/queued runs and limiter use as they are right now."""
+    with trio.fail_after(10):
+        for name in ("a", "b", "c"):
+            await start(supervisor, gated(name))
+        await gates["a"].wait_entered()
+        assert repr(supervisor) == (
+            "<RunSupervisor runs 2/2 running, 1 queued | io 0/8 | tools 0/16>"
+        )
+        await supervisor.drain("test")
+        assert repr(supervisor) == (
+            "<RunSupervisor runs 0/2 running, 0 queued | io 0/8 | tools 0/16 | draining>"
+        )
 
 
 class FanOutSpec(BaseModel):
@@ -428,7 +442,7 @@ async def test_supervisor_survives_a_store_failure_while_recording_a_run_end(
                 sup.set_limits(max_concurrent_runs=1)
                 queued_id, _ = await start(sup, gated("never"))
                 await sup.interrupt(queued_id)  # recorded from the Trio side: fails
-                assert "could not record the end of run" in caplog.text
+                assert "could not record its end" in caplog.text
                 gates["sibling"].release()
                 run = await sup.wait_run(sibling_id, sibling_run, 5)
                 assert run is not None and run.status is Status.FINISHED

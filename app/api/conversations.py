@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import uuid
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
-from app.api import http
+from app.admission import Admission
+from app.api import http, idempotency
 from app.api.http import json_response, parse_body, parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import (
@@ -18,15 +19,13 @@ from app.api.schemas import (
     MessageAccepted,
     PostMessage,
 )
-from app.errors import BadRequest
-from app.events import MessagePayload, Source
+from app.events import MessagePayload
 from app.records import ConversationRecord
-from app.store.base import NewConversation
+from app.store.base import MessageWritten, NewConversation, NewRun
+from app.store.idempotency import Answer, IdempotentWrite, Replayed
 from app.supervisor import RunSupervisor
 
 blueprint = Blueprint("conversations", __name__, url_prefix="/api/conversations")
-
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 def present(sup: RunSupervisor, conversation: ConversationRecord) -> ConversationRecord:
@@ -38,8 +37,9 @@ def present(sup: RunSupervisor, conversation: ConversationRecord) -> Conversatio
 
 @blueprint.post("")
 @documented(
-    "Create a conversation; with run=true start its first run. Idempotent with an"
-    " Idempotency-Key header (a replay answers with the same conversation).",
+    "Create a conversation; with run=true start its first run, atomically: a refused run"
+    " stores nothing. Idempotent with an Idempotency-Key header (a replay answers exactly"
+    " the first answer, with Idempotent-Replayed: true).",
     status=201,
     body=CreateConversation,
     response=ConversationRecord,
@@ -49,30 +49,41 @@ async def create_conversation() -> Response:
     sup = supervisor()
     body, raw = await parse_body(CreateConversation)
     sup.registry.validate(body.agent, loc=("body", "agent"), tools=sup.tools.names)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-    if body.run:
-        sup.check_admission()
-    request_hash = None
-    if key is not None:
-        request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    key = idempotency.request_key(raw)
+    await idempotency.replay_if_known(sup, key)
+    conversation_id = str(uuid.uuid4())
     new = NewConversation(
+        id=conversation_id,
         agent=body.agent,
         title=body.title,
         max_iterations=body.max_iterations or sup.settings.max_iterations,
         initial_message=body.initial_message,
         workspace=body.workspace,
-        idempotency_key=key,
-        request_hash=request_hash,
+        idempotency_key=key[0] if key else None,
+        request_hash=key[1] if key else None,
     )
-    conversation, created = await sup.io(sup.store.create_conversation, new)
-    headers = {"Location": f"/api/conversations/{conversation.id}"}
-    if not created:
-        headers["Idempotent-Replayed"] = "true"
-    elif body.run:
-        _, conversation = await sup.admit_run(conversation.id)
-    return json_response(present(sup, conversation), 201, headers)
+
+    def write(admission: Admission | None) -> tuple[ConversationRecord, Answer]:
+        fields = new
+        if admission is not None:
+            fields = dataclasses.replace(new, run=NewRun(admission.run_id, admission.reason))
+
+        def render(record: ConversationRecord) -> Answer:
+            if admission is not None and record.run is not None:
+                record = record.model_copy(update={"run": admission.present(record.run)})
+            location = {"Location": f"/api/conversations/{record.id}"}
+            return idempotency.answer(record, 201, location)
+
+        record, created = sup.store.create_conversation(fields, answer=render)
+        if not created:  # a key stored without its answer (by an older version)
+            raise Replayed(render(record))
+        return record, render(record)
+
+    if body.run:
+        (_, sent), _ = await sup.admit(conversation_id, write, lambda result: result[0])
+    else:
+        _, sent = await sup.io(write, None)
+    return idempotency.respond(sent)
 
 
 @blueprint.get("")
@@ -109,7 +120,8 @@ async def delete_conversation(conversation_id: str) -> Response:
 
 @blueprint.post("/<conversation_id>/messages")
 @documented(
-    "Append a user message; with run=true start a run (if_busy defaults to enqueue).",
+    "Append a user message; with run=true start a run (if_busy defaults to enqueue),"
+    " atomically: a refused run stores no message. Idempotent with an Idempotency-Key.",
     status=202,
     body=PostMessage,
     response=MessageAccepted,
@@ -117,16 +129,30 @@ async def delete_conversation(conversation_id: str) -> Response:
 )
 async def post_message(conversation_id: str) -> Response:
     sup = supervisor()
-    body, _ = await parse_body(PostMessage)
+    body, raw = await parse_body(PostMessage)
     await http.get_conversation(sup, conversation_id)
+    key = idempotency.request_key(raw)
+    await idempotency.replay_if_known(sup, key)
+    payload = MessagePayload(text=body.content)
+
+    def write(admission: Admission | None) -> tuple[MessageWritten, Answer]:
+        def render(written: MessageWritten) -> Answer:
+            run = written.run
+            if run is not None and admission is not None:
+                run = admission.present(run)
+            return idempotency.answer(MessageAccepted(event=written.event, run=run), 202)
+
+        new_run = None
+        if admission is not None:
+            new_run = NewRun(admission.run_id, admission.reason, admission.activate)
+        keyed = IdempotentWrite(key[0], key[1], render) if key else None
+        written = sup.store.append_message(conversation_id, payload, run=new_run, idempotent=keyed)
+        return written, render(written)
+
     if body.run:
-        sup.check_admission(conversation_id, if_busy=body.if_busy)
-    event = await sup.io(
-        sup.store.append_event,
-        conversation_id,
-        None,
-        Source.USER,
-        MessagePayload(text=body.content),
-    )
-    run = await sup.start_run(conversation_id, if_busy=body.if_busy) if body.run else None
-    return json_response(MessageAccepted(event=event, run=run), 202)
+        (_, sent), _ = await sup.admit(
+            conversation_id, write, lambda result: result[0].conversation, if_busy=body.if_busy
+        )
+    else:
+        _, sent = await sup.io(write, None)
+    return idempotency.respond(sent)

@@ -9,7 +9,9 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 from app.api.http import json_response
+from app.api.idempotency import replayed_response
 from app.errors import TrellisError
+from app.store.idempotency import Replayed
 
 log = logging.getLogger("trellis.api")
 
@@ -51,5 +53,6 @@ async def _unexpected_error(error: Exception) -> Response:
 
 def register_error_handlers(app: Quart) -> None:
     app.register_error_handler(TrellisError, _trellis_error)
+    app.register_error_handler(Replayed, replayed_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

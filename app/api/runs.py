@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
+from app.admission import Admission
+from app.api import idempotency
 from app.api.http import get_conversation, json_response, parse_body, parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import ListRuns, RunList, ServerRuns, StartRun, WaitRun
 from app.errors import RequestTimeout
-from app.records import RunRecord
+from app.records import ConversationRecord, RunRecord
+from app.store.idempotency import Answer, IdempotentWrite
 
 blueprint = Blueprint("runs", __name__, url_prefix="/api")
 
 
 @blueprint.post("/conversations/<conversation_id>/runs")
 @documented(
-    "Start a run (body optional). if_busy: reject (409), enqueue, or interrupt the active run.",
+    "Start a run (body optional). if_busy: reject (409), enqueue, or interrupt the active run."
+    " Idempotent with an Idempotency-Key header.",
     status=202,
     body=StartRun,
     response=RunRecord,
@@ -23,10 +27,29 @@ blueprint = Blueprint("runs", __name__, url_prefix="/api")
 )
 async def start_run(conversation_id: str) -> Response:
     sup = supervisor()
-    body, _ = await parse_body(StartRun, optional=True)
-    run = await sup.start_run(conversation_id, if_busy=body.if_busy)
-    location = f"/api/conversations/{conversation_id}/runs/{run.id}"
-    return json_response(run, 202, {"Location": location})
+    body, raw = await parse_body(StartRun, optional=True)
+    key = idempotency.request_key(raw)
+    await idempotency.replay_if_known(sup, key)
+
+    def write(admission: Admission) -> tuple[RunRecord, ConversationRecord, Answer]:
+        def render(run: RunRecord) -> Answer:
+            location = {"Location": f"/api/conversations/{conversation_id}/runs/{run.id}"}
+            return idempotency.answer(admission.present(run), 202, location)
+
+        keyed = IdempotentWrite(key[0], key[1], render) if key else None
+        run, conversation = sup.store.create_run(
+            conversation_id,
+            run_id=admission.run_id,
+            activate=admission.activate,
+            reason=admission.reason,
+            idempotent=keyed,
+        )
+        return run, conversation, render(run)
+
+    (_, _, sent), _ = await sup.admit(
+        conversation_id, write, lambda result: result[1], if_busy=body.if_busy
+    )
+    return idempotency.respond(sent)
 
 
 @blueprint.get("/conversations/<conversation_id>/runs")
@@ -97,18 +120,20 @@ async def interrupt(conversation_id: str) -> Response:
 
 @blueprint.get("/runs")
 @documented(
-    "Active runs server-wide: running first, then queued in the order they will start.",
+    "Active runs server-wide: running first, then queued in the order they will start"
+    " (at most limit of them).",
     query=ServerRuns,
     response=RunList,
 )
 async def server_runs() -> Response:
     sup = supervisor()
     query = parse_query(ServerRuns)
-    records = {run.id: run for run in await sup.io(sup.store.list_active_runs)}
-    wanted = {None: (True, False), "running": (True,), "queued": (False,)}[query.status]
+    running = {None: None, "running": True, "queued": False}[query.status]
+    active = sup.active_runs(query.limit, running=running)
+    records = {run.id: run for run in await sup.io(sup.store.get_runs, [a[0] for a in active])}
     items = [
         records[run_id].model_copy(update={"queue_position": position})
-        for run_id, holds_slot, position in sup.active_runs()
-        if holds_slot in wanted and run_id in records  # not in records: still being created
+        for run_id, _, position in active
+        if run_id in records  # not in records: still being created
     ]
     return json_response(RunList(items=items))

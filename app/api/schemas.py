@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from app.events import Event
 from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
 from app.records import ConversationRecord, RunRecord
+from app.settings import Settings
 from app.store.base import MAX_PAGE_SIZE
 
 MAX_TEXT_CHARS = 100_000
@@ -27,16 +28,16 @@ class CreateConversation(_Strict):
     agent: dict[str, Any]
     title: str | None = Field(None, max_length=200)
     initial_message: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
-    max_iterations: int | None = Field(None, ge=1, le=1_000_000)
+    max_iterations: StrictInt | None = Field(None, ge=1, le=1_000_000)
     #: A directory name under workspaces_dir (no leading dot, no slash), shared by the
     #: conversations that name it; default: a directory of the conversation's own.
     workspace: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
-    run: bool = False
+    run: StrictBool = False
 
 
 class PostMessage(_Strict):
     content: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    run: bool = False
+    run: StrictBool = False
     #: With ``run: true`` while a run is active; a message usually asks for a turn after it.
     if_busy: IfBusy = IfBusy.ENQUEUE
 
@@ -63,6 +64,7 @@ class ListRuns(_Strict):
 
 class ServerRuns(_Strict):
     status: Literal["queued", "running"] | None = None
+    limit: int = Field(MAX_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE)
 
 
 class WaitRun(_Strict):
@@ -70,8 +72,8 @@ class WaitRun(_Strict):
 
 
 class Limits(_Strict):
-    max_concurrent_runs: int | None = Field(None, ge=0, le=10_000)
-    max_queued_runs: int | None = Field(None, ge=0, le=1_000_000)
+    max_concurrent_runs: StrictInt | None = Field(None, ge=0, le=10_000)
+    max_queued_runs: StrictInt | None = Field(None, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _at_least_one(self) -> Limits:
@@ -123,6 +125,11 @@ class ServerInfo(BaseModel):
     version: str
     limits: ServerLimits
     statistics: SupervisorStatistics
+    settings: Settings = Field(
+        description="The effective settings, with the run limits as changed at runtime."
+        " Nothing secret: settings never hold one (the API key is read from the"
+        " environment variable that llm.api_key_env names, when a request is made)."
+    )
 
 
 class Health(BaseModel):

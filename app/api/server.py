@@ -8,6 +8,7 @@ from app.api.http import json_response, parse_body, supervisor
 from app.api.openapi import documented
 from app.api.schemas import Health, Limits, ServerInfo, ServerLimits
 from app.errors import ShuttingDown
+from app.store.faults import StoreUnavailable
 
 blueprint = Blueprint("server", __name__)
 
@@ -24,7 +25,13 @@ def _server_info() -> ServerInfo:
         tool_threads=stats.tool_total,
         max_iterations=sup.settings.max_iterations,
     )
-    return ServerInfo(version=__version__, limits=limits, statistics=stats)
+    effective = sup.settings.model_copy(
+        update={
+            "max_concurrent_runs": stats.max_concurrent_runs,
+            "max_queued_runs": stats.max_queued_runs,
+        }
+    )
+    return ServerInfo(version=__version__, limits=limits, statistics=stats, settings=effective)
 
 
 @blueprint.get("/api/server")
@@ -54,8 +61,26 @@ async def health() -> Response:
 
 
 @blueprint.get("/ready")
-@documented("Readiness: 503 while draining.", response=Health, errors=(503,))
+@documented(
+    "Readiness: 503 while draining, and 503 store_unavailable while the store cannot write"
+    " (disk full, I/O error, read-only); ready again once a probe write succeeds.",
+    response=Health,
+    errors=(503,),
+)
 async def ready() -> Response:
-    if supervisor().draining:
+    sup = supervisor()
+    if sup.draining:
         raise ShuttingDown("the server is draining and will stop soon")
+    health = sup.store.health()  # never blocks
+    if not health.ok:
+        health = await sup.io(sup.store.probe)  # has space come back?
+    if not health.ok:
+        raise StoreUnavailable(
+            f"the store cannot write: {health.error}; free disk space or fix the filesystem",
+            detail={
+                "error": health.error,
+                "failures": health.failures,
+                "failing_since": health.failing_since,
+            },
+        )
     return json_response(Health(status="ready"))
