@@ -1,8 +1,9 @@
 """A fake OpenAI-compatible Chat Completions server, for tests — yours and ours.
 
-It is a real HTTP server on 127.0.0.1 (port 0, in a background thread), so the code under
-test speaks real HTTP through its real client; nothing is mocked. Each test scripts the
-answers, in order, and reads back the requests the server got::
+It is a real HTTP/1.1 server on 127.0.0.1 (port 0, in a background thread, keep-alive like
+a real provider), so the code under test speaks real HTTP through its real client; nothing
+is mocked. Each test scripts the answers, in order, and reads back the requests the server
+got::
 
     with FakeChatServer() as provider:
         provider.add(tool_call_reply([("terminal", {"command": "ls"})]), text_reply("Done."))
@@ -10,12 +11,26 @@ answers, in order, and reads back the requests the server got::
         assert provider.requests[0].body["tools"][0]["function"]["name"] == "terminal"
 
 A scripted answer can be delayed (``delay_seconds``: the server holds the response; closing
-the server releases it at once) or be an HTTP error (``error_reply(429, retry_after=...)``).
+the server releases it at once), be an HTTP error (``error_reply(429, retry_after=...)``),
+or carry any JSON body (``ScriptedReply(400, ["not", "an", "object"])``).
+
+Like every real provider, the server refuses (400, without using up a scripted reply) a
+request whose ``messages`` leave a tool call unanswered or answer a call nobody made:
+:func:`message_sequence_error` says what is wrong. ``FakeChatServer(check_messages=False)``
+turns that off.
+
+Ownership: the server thread and one handler thread per connection belong to the
+``with`` block; leaving it closes the listener at once (no polling: a wake-up socket),
+disconnects the clients and joins the threads. They are daemon threads: a server left
+open never holds up the interpreter's exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import selectors
+import socket
 import threading
 import time
 from collections import deque
@@ -28,10 +43,10 @@ JsonObject = dict[str, Any]
 
 @dataclass(frozen=True)
 class ScriptedReply:
-    """One scripted answer: a status, a JSON body, headers, and an optional delay."""
+    """One scripted answer: a status, a JSON body (any JSON value), headers, a delay."""
 
     status: int
-    body: JsonObject
+    body: Any
     headers: dict[str, str] = field(default_factory=dict)
     delay_seconds: float = 0.0
 
@@ -42,6 +57,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: JsonObject
     received_at: float  # time.monotonic() when the request arrived
+    client_port: int  # the client's side of the TCP connection: equal ports, one connection
 
 
 def text_reply(
@@ -81,12 +97,44 @@ def tool_call_reply(
 
 
 def error_reply(
-    status: int, message: str = "scripted error", *, retry_after: float | None = None
+    status: int, message: str = "scripted error", *, retry_after: float | str | None = None
 ) -> ScriptedReply:
-    """An HTTP error in OpenAI's error shape, optionally with ``Retry-After``."""
+    """An HTTP error in OpenAI's error shape, optionally with ``Retry-After`` (seconds, or
+    a string such as an HTTP date)."""
     headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
     body = {"error": {"message": message, "type": "scripted", "code": status}}
     return ScriptedReply(status, body, headers)
+
+
+def message_sequence_error(messages: Any) -> str | None:
+    """What an OpenAI-compatible server rejects in ``messages``, or None: every
+    ``tool_calls`` entry must be answered by a ``tool`` message before the next other
+    message, and every ``tool`` message must answer such an entry. (Wording: OpenAI's.)"""
+    if not isinstance(messages, list):
+        return None
+    unanswered: list[Any] = []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in unanswered:
+                return (
+                    "messages with role 'tool' must be a response to a preceding message "
+                    f"with 'tool_calls' (tool_call_id {call_id!r})"
+                )
+            unanswered.remove(call_id)
+            continue
+        if unanswered:
+            break
+        if role == "assistant":
+            unanswered = [call.get("id") for call in message.get("tool_calls") or []]
+    if unanswered:
+        return (
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(map(str, unanswered))}"
+        )
+    return None
 
 
 def _completion(
@@ -113,14 +161,18 @@ def _completion(
 class FakeChatServer:
     """``POST /v1/chat/completions`` answered from a FIFO script; every request recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_messages: bool = True) -> None:
+        self.check_messages = check_messages
         self._script: deque[ScriptedReply] = deque()
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        #: Open connections and the daemon thread serving each (daemon: a server nobody
+        #: closed never holds up the interpreter's exit).
+        self._connections: dict[socket.socket, threading.Thread] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="fake-chat-server", daemon=True)
 
     @property
     def url(self) -> str:
@@ -136,14 +188,44 @@ class FakeChatServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop at once: release delayed replies, stop accepting, disconnect the clients and
+        join the threads serving them. Idempotent."""
+        if self._closing.is_set():
+            return
         self._closing.set()  # releases delayed replies at once
-        self._server.shutdown()
+        self._wake_writer.send(b"\0")  # ends the accept loop at once
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+        with self._lock:
+            handlers = list(self._connections.items())
+        for connection, thread in handlers:  # idle keep-alive connections among them
+            with contextlib.suppress(OSError):  # already closed by the client
+                connection.shutdown(socket.SHUT_RDWR)
+            thread.join()
         self._server.server_close()
-        self._thread.join()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _serve(self) -> None:
+        """Accept connections until the wake-up socket says stop (no poll interval)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while not self._closing.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._server and not self._closing.is_set():
+                        self._server.handle_request()  # the listener is ready: no wait
 
     def _next(self, request: RecordedRequest) -> ScriptedReply:
+        messages = request.body.get("messages") if isinstance(request.body, dict) else None
+        problem = message_sequence_error(messages)
         with self._lock:
             self.requests.append(request)
+            if self.check_messages and problem:
+                return error_reply(400, problem)
             if self._script:
                 return self._script.popleft()
         return error_reply(500, "the fake server has no scripted reply left")
@@ -152,13 +234,34 @@ class FakeChatServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:  # under the lock: either close() sees it, or we see closing
+                    fake._connections[self.connection] = threading.current_thread()
+                    if fake._closing.is_set():
+                        self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._connections.pop(self.connection, None)
+                super().finish()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                request = RecordedRequest(self.path, dict(self.headers), body, time.monotonic())
+                port = self.client_address[1]
+                request = RecordedRequest(
+                    self.path, dict(self.headers), body, time.monotonic(), port
+                )
                 reply = fake._next(request)
                 if reply.delay_seconds and fake._closing.wait(reply.delay_seconds):
+                    self.close_connection = True
                     return  # closing: drop the connection without an answer
+                self._answer(reply)
+
+            def _answer(self, reply: ScriptedReply) -> None:
                 payload = json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
@@ -171,7 +274,7 @@ class FakeChatServer:
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (an interrupted run): nothing to answer
+                    self.close_connection = True  # the client gave up (an interrupted run)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

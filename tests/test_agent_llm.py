@@ -15,7 +15,13 @@ from app.lifecycle import Status
 from app.settings import LLMSettings, Settings
 from app.store import EventQuery, SqliteStore
 from app.supervisor import RunSupervisor, open_run_supervisor
-from app.testing_llm import FakeChatServer, error_reply, text_reply, tool_call_reply
+from app.testing_llm import (
+    FakeChatServer,
+    ScriptedReply,
+    error_reply,
+    text_reply,
+    tool_call_reply,
+)
 from tests.conftest import assert_all_returned, new_conversation
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,6 +43,7 @@ async def sup(
     fast = LLMSettings(api_key_env="TRELLIS_TEST_KEY", max_retries=2, backoff_base_seconds=0.01)
     async with open_run_supervisor(settings.model_copy(update={"llm": fast}), store) as supervisor:
         yield supervisor
+    await supervisor.registry.aclose()  # idempotent: the supervisor may have closed it
     assert_all_returned(supervisor)
 
 
@@ -225,72 +232,6 @@ async def test_llm_api_key_is_sent_but_never_stored(
     assert API_KEY.encode() not in stored_bytes(Path(settings.data_dir))
 
 
-def test_chat_messages_groups_tool_calls_and_replays_raw_arguments() -> None:
-    """Actions join the assistant message before them; raw (bad) arguments replay verbatim."""
-    from datetime import UTC, datetime
-
-    from app.agents.llm_messages import chat_messages
-    from app.events import ActionPayload, MessagePayload, ObservationPayload, Source, StatusPayload
-
-    def event(seq: int, source: Source, payload: Any) -> Event:
-        now = datetime.now(UTC)
-        return Event(
-            id=str(seq),
-            conversation_id="c",
-            seq=seq,
-            run_id="r",
-            timestamp=now,
-            source=source,
-            payload=payload,
-        )
-
-    history = [
-        event(1, Source.USER, MessagePayload(text="hi")),
-        event(
-            2,
-            Source.SYSTEM,
-            StatusPayload(status=Status.RUNNING, previous=Status.QUEUED, reason="started"),
-        ),
-        event(3, Source.AGENT, MessagePayload(text="looking")),
-        event(
-            4,
-            Source.AGENT,
-            ActionPayload(call_id="a", tool="terminal", arguments={"command": "ls"}),
-        ),
-        event(
-            5, Source.AGENT, ActionPayload(call_id="b", tool="terminal", arguments={"raw": "{oops"})
-        ),
-        event(6, Source.TOOL, ObservationPayload(call_id="a", tool="terminal", content="x")),
-        event(
-            7,
-            Source.TOOL,
-            ObservationPayload(call_id="b", tool="terminal", content="bad", is_error=True),
-        ),
-    ]
-    assert chat_messages("sys", history) == [
-        {"role": "system", "content": "sys"},
-        {"role": "user", "content": "hi"},
-        {
-            "role": "assistant",
-            "content": "looking",
-            "tool_calls": [
-                {
-                    "id": "a",
-                    "type": "function",
-                    "function": {"name": "terminal", "arguments": '{"command": "ls"}'},
-                },
-                {
-                    "id": "b",
-                    "type": "function",
-                    "function": {"name": "terminal", "arguments": "{oops"},
-                },
-            ],
-        },
-        {"role": "tool", "tool_call_id": "a", "content": "x"},
-        {"role": "tool", "tool_call_id": "b", "content": "bad"},
-    ]
-
-
 def closed_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
     import socket
@@ -314,8 +255,6 @@ async def test_llm_malformed_completion_ends_the_run_clearly(
     sup: RunSupervisor, provider: FakeChatServer
 ) -> None:
     """A 200 answer without choices ends the run error with a message saying so."""
-    from app.testing_llm import ScriptedReply
-
     provider.add(ScriptedReply(200, {"unexpected": True}))
     _, run = await run_to_end(sup, llm(provider), "hello")
     assert run.status is Status.ERROR
@@ -373,3 +312,74 @@ async def test_llm_resumes_after_an_interrupted_tool_call_with_a_valid_history(
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
     assert messages[3]["tool_call_id"] == messages[2]["tool_calls"][0]["id"]
     assert "stopped before this call returned" in messages[3]["content"]
+
+
+async def test_llm_runs_of_a_supervisor_share_one_connection(
+    sup: RunSupervisor, provider: FakeChatServer
+) -> None:
+    """Every request of two runs, one after the other, comes over the same TCP connection."""
+    provider.add(tool_call_reply([("finish", {"message": "a"})]), text_reply("b"))
+    await run_to_end(sup, llm(provider), "first")
+    await run_to_end(sup, llm(provider), "second")
+    ports = {request.client_port for request in provider.requests}
+    assert (len(provider.requests), len(ports)) == (2, 1)
+
+
+async def test_llm_step_deadline_ends_the_run_with_a_clear_error(
+    settings: Settings, store: SqliteStore, provider: FakeChatServer
+) -> None:
+    """A provider that never answers ends the run error once llm.step_timeout_seconds
+    (0.3 s) has passed, with a message naming that setting."""
+    llm_settings = LLMSettings(step_timeout_seconds=0.3)
+    provider.add(text_reply("too late", delay_seconds=60))
+    async with open_run_supervisor(settings.model_copy(update={"llm": llm_settings}), store) as sup:
+        _, run = await run_to_end(sup, llm(provider), "hello")
+    await sup.registry.aclose()
+    assert (run.status, run.reason) == (Status.ERROR, "agent_error")
+    assert "within llm.step_timeout_seconds (0.3 s)" in run.error
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        pytest.param(["not", "an", "object"], '["not", "an", "object"]', id="json-list"),
+        pytest.param("model overloaded", "model overloaded", id="json-string"),
+        pytest.param({"error": "no such model"}, "no such model", id="error-string"),
+        pytest.param({"detail": "Not Found"}, "Not Found", id="detail"),
+        pytest.param({"error": {"message": "bad model"}}, "bad model", id="openai"),
+        pytest.param(None, "null", id="json-null"),
+    ],
+)
+async def test_llm_provider_error_bodies_of_any_shape_give_a_clear_run_error(
+    sup: RunSupervisor, provider: FakeChatServer, body: Any, detail: str
+) -> None:
+    """A 400 whose body is any JSON value ends the run error with the status and the
+    provider's message (or its raw body), not a crash of the error handling."""
+    provider.add(ScriptedReply(400, body))
+    _, run = await run_to_end(sup, llm(provider), "hello")
+    assert run.status is Status.ERROR
+    assert run.error == f"the model provider answered 400: {detail} (after 1 attempt(s))"
+
+
+async def test_llm_each_step_reads_only_the_events_it_has_not_seen(
+    sup: RunSupervisor, provider: FakeChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step n asks the store for the events after the last one step n-1 saw, not for the
+    whole conversation again; the requests still carry the whole history."""
+    queried: list[int] = []
+    real = sup.store.search_events
+
+    def spy(conversation_id: str, query: EventQuery) -> Any:
+        queried.append(query.after_seq)
+        return real(conversation_id, query)
+
+    monkeypatch.setattr(sup.store, "search_events", spy)
+    provider.add(
+        tool_call_reply([("terminal", {"command": "echo 1"})]),
+        tool_call_reply([("terminal", {"command": "echo 2"})]),
+        text_reply("done"),
+    )
+    await run_to_end(sup, llm(provider), "count")
+    first, second, third = queried[:3]
+    assert first == 0 < second < third
+    assert [len(request.body["messages"]) for request in provider.requests] == [2, 4, 6]

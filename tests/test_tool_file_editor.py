@@ -13,7 +13,8 @@ import trio.testing
 from pydantic import ValidationError
 
 from app.tools import file_editor
-from app.tools.base import Tool, ToolEnvironment, ToolResult
+from app.tools.base import TOOL_WORKER_THREADS, Tool, ToolEnvironment, ToolResult
+from app.tools.calls import ToolCall, default_tools, execute_one
 from app.tools.file_editor import (
     FileEditorArguments,
     FileEditorTool,
@@ -478,29 +479,31 @@ def test_file_editor_tool_satisfies_the_protocol() -> None:
     assert "str_replace" in tool.description
 
 
-async def test_file_editor_tool_waits_for_a_token_of_the_tool_limiter(workspace: Path) -> None:
-    """With the tool limiter's only token taken, the tool waits and touches nothing."""
+async def test_file_editor_call_waits_for_a_token_of_the_tool_limiter(workspace: Path) -> None:
+    """With the tool limiter's only token taken, a file_editor call waits and touches nothing."""
     limiter = trio.CapacityLimiter(1)
     env = ToolEnvironment(workspace=workspace, tool_limiter=limiter)
-    args = FileEditorArguments(command="create", path="f.txt", file_text="x\n")
+    call = ToolCall("c", "file_editor", {"command": "create", "path": "f.txt", "file_text": "x\n"})
     results: list[ToolResult] = []
 
-    async def call() -> None:
-        results.append(await FileEditorTool().run(args, env))
+    async def call_it() -> None:
+        results.append(await execute_one(call, default_tools(), env))
 
-    async with trio.open_nursery() as nursery, limiter:
-        nursery.start_soon(call)
-        await trio.testing.wait_all_tasks_blocked()
-        assert limiter.statistics().tasks_waiting == 1
-        assert not (workspace / "f.txt").exists()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery, limiter:
+            nursery.start_soon(call_it)
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.statistics().tasks_waiting == 1
+            assert not (workspace / "f.txt").exists()
     assert [result.content for result in results] == ["created f.txt (1 lines)"]
     assert limiter.statistics().borrowed_tokens == 0
 
 
-async def test_file_editor_tool_holds_a_token_while_editing(
+async def test_file_editor_edits_in_a_worker_thread_within_the_calls_one_token(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The edit runs in a worker thread holding one token, and returns what edit returns."""
+    """At tool_threads = 1 the edit runs in a tool worker thread while the call holds the
+    only token (no second token asked for), and returns what edit returns."""
     write(workspace / "f.txt", FIVE_LINES)
     limiter = trio.CapacityLimiter(1)
     env = ToolEnvironment(workspace=workspace, tool_limiter=limiter)
@@ -512,17 +515,21 @@ async def test_file_editor_tool_holds_a_token_while_editing(
         return edit(workspace, args)
 
     monkeypatch.setattr(file_editor, "edit", gated_edit)
+    call = ToolCall("c", "file_editor", {"command": "view", "path": "f.txt"})
     results: list[ToolResult] = []
 
-    async def call() -> None:
-        results.append(await FileEditorTool().run({"command": "view", "path": "f.txt"}, env))
+    async def call_it() -> None:
+        results.append(await execute_one(call, default_tools(), env))
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(call)
-            await trio.to_thread.run_sync(entered.wait)
-            assert limiter.statistics().borrowed_tokens == 1
-            release.set()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call_it)
+                waiter = trio.CapacityLimiter(1)  # not the default limiter: no token to share
+                assert await trio.to_thread.run_sync(entered.wait, 5, limiter=waiter)
+                assert limiter.statistics().borrowed_tokens == 1
+                assert TOOL_WORKER_THREADS.statistics().borrowed_tokens == 1
+                release.set()
     finally:
         release.set()
     assert limiter.statistics().borrowed_tokens == 0

@@ -169,3 +169,24 @@ async def test_named_workspace_is_shared_and_deleted_on_request(
             assert path.exists()
             await sup.delete_conversation(second, delete_workspace=True)
         assert not path.exists()
+
+
+async def test_interrupt_mid_batch_keeps_the_results_of_calls_that_returned(
+    settings: Settings, store: SqliteStore
+) -> None:
+    """A call that returned before the interrupt is recorded with its real result; only the
+    call still running is recorded "stopped"."""
+    async with supervised(settings, store, tool_threads=2) as sup:
+        calls = [terminal("echo quick"), terminal("touch started; sleep 300")]
+        conversation = await new_conversation(sup, script(calls))
+        await sup.start_run(conversation.id)
+        started = workspace(sup, conversation.id) / "started"
+        with trio.fail_after(20):
+            while not started.exists() or sup.statistics().tool_borrowed != 1:
+                await trio.sleep(0.01)  # poll interval: the sleeper runs, "quick" returned
+            ended = await sup.interrupt(conversation.id)
+        assert (ended.status, ended.reason) == (Status.PAUSED, "interrupt")
+        quick, sleeper = [e.payload for e in await events(sup, conversation.id, "observation")]
+        assert (quick.content, quick.is_error) == ("quick\n[exit code 0]", False)  # type: ignore[union-attr]
+        assert quick.data["exit_code"] == 0  # type: ignore[union-attr]
+        assert sleeper.data == {"stopped": True}  # type: ignore[union-attr]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from app.tools import terminal
 from app.tools.base import ToolEnvironment
+from app.tools.calls import ToolCall, default_tools, execute_one
 from app.tools.terminal import KILL_GRACE_SECONDS, TerminalArguments, TerminalTool, run_command
 
 # Records the shell ($$), a background grandchild ($!) and a foreground child ($BASHPID of
@@ -227,17 +230,40 @@ async def test_terminal_cancel_grace_covers_whole_group(tmp_path: Path) -> None:
     assert elapsed < KILL_GRACE_SECONDS
 
 
-async def test_terminal_holds_one_tool_token(tmp_path: Path) -> None:
-    """The tool holds exactly one tool-limiter token while running and none afterwards."""
+async def test_terminal_call_holds_one_tool_token(tmp_path: Path) -> None:
+    """A terminal call holds exactly one tool-limiter token (the runner's) while running,
+    and none afterwards."""
     env = make_env(tmp_path)
+    call = ToolCall("c", "terminal", {"command": "sleep 300"})
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_command, args("sleep 300"), env)
+            nursery.start_soon(execute_one, call, default_tools(), env)
             await trio.testing.wait_all_tasks_blocked()
             stats = env.tool_limiter.statistics()
             assert (stats.borrowed_tokens, stats.tasks_waiting) == (1, 0)
             nursery.cancel_scope.cancel()
     assert env.tool_limiter.statistics().borrowed_tokens == 0
+
+
+async def test_terminal_scans_proc_in_worker_threads_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killing a process group reads /proc in worker threads — never on the Trio thread (a
+    full scan takes milliseconds), never on Trio's default limiter."""
+    scans: list[tuple[int, int]] = []  # (thread, tokens borrowed from the default limiter)
+    default = trio.to_thread.current_default_thread_limiter()
+    real = terminal._live_members
+
+    def spy(pgid: int, pids: list[int] | None) -> list[int]:
+        scans.append((threading.get_ident(), default.borrowed_tokens))
+        return real(pgid, pids)
+
+    monkeypatch.setattr(terminal, "_live_members", spy)
+    with trio.fail_after(10):
+        result = await run_command(args("sleep 300", timeout=0.2), make_env(tmp_path))
+    assert result.data["timed_out"]
+    assert scans, "the kill scanned /proc"
+    assert all(thread != threading.get_ident() and tokens == 0 for thread, tokens in scans)
 
 
 async def test_terminal_missing_workspace_is_error(tmp_path: Path) -> None:

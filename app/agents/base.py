@@ -58,8 +58,10 @@ class StepContext(Protocol):
         """The agent's own JSON-able state, saved after every completed step."""
         ...
 
-    def history(self) -> list[Event]:
-        """Every event of the conversation so far, oldest first."""
+    def history(self, after_seq: int = 0) -> list[Event]:
+        """The conversation's events with ``seq`` greater than ``after_seq``, oldest first
+        (all of them by default). An agent that keeps what it built from earlier events
+        asks only for the new ones: the last ``seq`` it saw."""
         ...
 
     def emit(self, payload: Payload, source: Source = Source.AGENT) -> Event:

@@ -7,19 +7,31 @@ their own kinds on a registry and hand it to the supervisor::
     registry = default_registry()
     registry.register("echo", EchoSpec, EchoAgent)
     async with open_run_supervisor(settings, store, registry=registry) as supervisor: ...
+
+Ownership: a kind may share a resource among its runs (the ``llm`` kind shares one HTTP
+client). Its closer is registered with :meth:`AgentRegistry.add_closer`; the supervisor
+that owns the registry awaits :meth:`AgentRegistry.aclose` when its ``serve()`` ends, after
+every run has returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import trio
 from pydantic import BaseModel, ValidationError
 
 from app.agents.base import Agent
 from app.errors import InvalidInput
 from app.settings import LLMSettings
+
+if TYPE_CHECKING:
+    import httpx  # imported with the llm kind, when a default registry is built
+
+log = logging.getLogger("trellis.agents")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +45,7 @@ class AgentRegistry:
 
     def __init__(self) -> None:
         self._kinds: dict[str, AgentKind] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     def __repr__(self) -> str:
         return f"<AgentRegistry kinds={sorted(self._kinds)}>"
@@ -48,6 +61,28 @@ class AgentRegistry:
         if kind in self._kinds:
             raise ValueError(f"agent kind {kind!r} is already registered")
         self._kinds[kind] = AgentKind(spec_model, factory)
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Have :meth:`aclose` await ``closer()``: it releases what a kind shares among its
+        runs (a connection pool). It must be idempotent and must not block for long."""
+        self._closers.append(closer)
+
+    async def aclose(self) -> None:
+        """Await every closer, the last added first. Call it once no run is left; calling it
+        again is harmless, and a kind may reopen its resource if the registry is reused.
+
+        Cancellation:
+            Shielded: a supervisor closes its registry while it is being cancelled.
+
+        Errors:
+            None raised: a closer that fails is logged, and the others still run.
+        """
+        with trio.CancelScope(shield=True):
+            for closer in reversed(self._closers):
+                try:
+                    await closer()
+                except Exception:
+                    log.exception("closing %r failed", closer)
 
     def validate(
         self,
@@ -109,13 +144,22 @@ def _check_tool_names(named: Any, known: Collection[str], loc: tuple[str, ...]) 
         )
 
 
-def default_registry(llm: LLMSettings | None = None) -> AgentRegistry:
-    """A registry with the built-in kinds: ``script``, and ``llm`` with ``llm`` defaults."""
+def default_registry(
+    llm: LLMSettings | None = None, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AgentRegistry:
+    """A registry with the built-in kinds: ``script``, and ``llm`` with ``llm`` defaults.
+
+    The ``llm`` runs share one :class:`~app.agents.provider.ProviderClient` (one HTTP
+    client), closed by :meth:`AgentRegistry.aclose`. ``transport`` (tests) replaces its
+    network transport.
+    """
     from app.agents.llm import LLMAgent, LLMSpec
+    from app.agents.provider import ProviderClient
     from app.agents.script import ScriptAgent, ScriptSpec
 
-    defaults = llm or LLMSettings()
+    provider = ProviderClient(llm or LLMSettings(), transport=transport)
     registry = AgentRegistry()
     registry.register("script", ScriptSpec, ScriptAgent)
-    registry.register("llm", LLMSpec, lambda spec: LLMAgent(spec, defaults))
+    registry.register("llm", LLMSpec, lambda spec: LLMAgent(spec, provider))
+    registry.add_closer(provider.aclose)
     return registry

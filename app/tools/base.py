@@ -4,9 +4,12 @@ A tool is described to the model by its name, a description and the JSON schema 
 ``Arguments`` model (pydantic), and executed by :meth:`Tool.run` — an ``async`` function
 that runs on the Trio side, in the run's task, so it is cancelled together with the run.
 
-Ownership and limits: a tool holds one token of the server-wide tool limiter while it runs
-(``env.tool_limiter``), never a run slot. Blocking work (file I/O) goes to a worker thread
-*on that limiter*; a subprocess needs no thread at all (Trio waits for it).
+Ownership and limits: every call holds one token of the server-wide tool limiter
+(``env.tool_limiter``, ``tool_threads`` tokens) while its tool runs, never a run slot — and
+the *runner* takes it (:func:`app.tools.calls.execute_one`), so a tool cannot forget to, and
+must not take it again: with one token left, a second request would wait forever. Blocking
+work (file I/O) goes to :func:`run_in_worker_thread`; a subprocess needs no thread at all
+(Trio waits for it).
 
 Cancellation:
     When the run is interrupted or the server shuts down, ``run`` is cancelled: a tool must
@@ -19,12 +22,23 @@ Errors:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import trio
 from pydantic import BaseModel
+
+T = TypeVar("T")
+
+#: The worker threads of tool calls. Unbounded on purpose: the call already holds its
+#: ``tool_limiter`` token, which is what bounds tool threads; asking ``tool_limiter`` again
+#: would count the call twice (deadlock at ``tool_threads = 1``), and Trio's default
+#: limiter is shared with everything else. This one only keeps the threads apart and
+#: counts them (``statistics().borrowed_tokens``).
+TOOL_WORKER_THREADS = trio.CapacityLimiter(math.inf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +72,14 @@ class Tool(Protocol):
     Arguments: ClassVar[type[BaseModel]]
 
     async def run(self, arguments: Any, env: ToolEnvironment) -> ToolResult: ...
+
+
+async def run_in_worker_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking ``fn(*args)`` for a tool, in a worker thread on
+    :data:`TOOL_WORKER_THREADS`, within the call's ``tool_limiter`` token.
+
+    Cancellation:
+        Not abandoned: a cancelled call waits for ``fn`` to return (keep it short, or have
+        it call ``trio.from_thread.check_cancelled()``), so no thread outlives its run.
+    """
+    return await trio.to_thread.run_sync(fn, *args, limiter=TOOL_WORKER_THREADS)

@@ -3,6 +3,12 @@
 A model's output is not trusted: an unknown tool name, arguments that are not JSON or do
 not fit the tool's schema become an *error observation* telling the model what was wrong —
 the run goes on. Only cancellation (and bugs) propagate.
+
+Rule: the runner (:func:`execute_one`), not the tool, takes the call's token of
+``env.tool_limiter``, for exactly as long as ``tool.run`` runs. So no tool — a third-party
+one included — can run outside ``tool_threads``, and a tool must never take that limiter
+again (at ``tool_threads = 1`` a second token would never come): blocking work goes to
+:func:`~app.tools.base.run_in_worker_thread`.
 """
 
 from __future__ import annotations
@@ -82,24 +88,29 @@ async def execute_calls(
     env: ToolEnvironment,
     max_parallel: int,
     allowed: Collection[str] | None = None,
+    results: list[ToolResult | None] | None = None,
 ) -> list[ToolResult]:
     """Run ``calls`` concurrently, at most ``max_parallel`` at once; results in call order.
 
-    Each tool also holds a token of ``env.tool_limiter`` (server-wide) while it runs.
+    Each call also holds a token of ``env.tool_limiter`` (server-wide) while its tool runs.
+    ``results``, if given (one ``None`` per call), receives each result as soon as its call
+    returns, so a caller that was cancelled can still tell which calls completed.
 
     Cancellation:
-        Cancelling the caller cancels every call; calls not yet started never start.
+        Cancelling the caller cancels every call; calls not yet started never start. Calls
+        that had returned keep their entry in ``results``.
     """
-    results: list[ToolResult | None] = [None] * len(calls)
+    if results is None:
+        results = [None] * len(calls)
     per_step = trio.CapacityLimiter(max_parallel)
 
-    async def run_one(index: int, call: ToolCall) -> None:
+    async def run_one(index: int, call: ToolCall, results: list[ToolResult | None]) -> None:
         async with per_step:
             results[index] = await execute_one(call, registry, env, allowed)
 
     async with trio.open_nursery() as nursery:
         for index, call in enumerate(calls):
-            nursery.start_soon(run_one, index, call)
+            nursery.start_soon(run_one, index, call, results)
     return [result for result in results if result is not None]
 
 
@@ -109,7 +120,8 @@ async def execute_one(
     env: ToolEnvironment,
     allowed: Collection[str] | None = None,
 ) -> ToolResult:
-    """One call; whatever the model got wrong comes back as an error result."""
+    """One call, holding a token of ``env.tool_limiter`` while the tool runs; whatever the
+    model got wrong comes back as an error result (at once: no token needed for that)."""
     names = [name for name in registry.names if allowed is None or name in allowed]
     tool = registry.get(call.tool) if call.tool in names else None
     if tool is None:
@@ -128,7 +140,8 @@ async def execute_one(
         )
         return ToolResult(f"invalid arguments for {call.tool}: {problems}", is_error=True)
     try:
-        return await tool.run(arguments, env)
+        async with env.tool_limiter:
+            return await tool.run(arguments, env)
     except Exception as exc:  # a bug in the tool: tell the model, keep the run alive
         log.exception("tool %s failed", call.tool)
         return ToolResult(f"the tool {call.tool} failed: {exc}", is_error=True)

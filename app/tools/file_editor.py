@@ -22,10 +22,9 @@ import stat
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-import trio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.tools.base import ToolEnvironment, ToolResult
+from app.tools.base import ToolEnvironment, ToolResult, run_in_worker_thread
 
 # 10 MiB: far beyond hand-edited source; bigger is data or a log, held whole in memory.
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -303,9 +302,10 @@ class FileEditorTool:
     """The :class:`~app.tools.base.Tool` for files: :func:`edit` in a worker thread.
 
     Cancellation:
-        The worker thread runs on ``env.tool_limiter`` (never Trio's default limiter) and is
-        not abandoned: a cancelled run waits for the file operation in flight (short, bounded
-        by ``MAX_FILE_BYTES``) so no thread outlives the run and no write is left half-done.
+        The worker thread runs within the call's ``tool_limiter`` token (taken by the runner;
+        see :func:`~app.tools.base.run_in_worker_thread`) and is not abandoned: a cancelled
+        run waits for the file operation in flight (short, bounded by ``MAX_FILE_BYTES``)
+        so no thread outlives the run and no write is left half-done.
     """
 
     name: ClassVar[str] = "file_editor"
@@ -320,4 +320,4 @@ class FileEditorTool:
     async def run(self, arguments: Any, env: ToolEnvironment) -> ToolResult:
         """Run :func:`edit` on already validated arguments (a dict is validated here)."""
         args = FileEditorArguments.model_validate(arguments)
-        return await trio.to_thread.run_sync(edit, env.workspace, args, limiter=env.tool_limiter)
+        return await run_in_worker_thread(edit, env.workspace, args)

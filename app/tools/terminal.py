@@ -8,7 +8,8 @@ that keeps only the first and last halves of ``env.max_output_bytes`` (a long bu
 costs the same memory as a short one, and the model still sees how it began and ended).
 
 Ownership: the run's task owns the command from start to finish; Trio waits for the process
-and the pipe (it borrows a worker thread only to spawn the shell). The command ends when its
+and the pipe (it borrows a worker thread only to spawn the shell, and to scan ``/proc`` while
+killing; the call's ``tool_limiter`` token is held by the runner). The command ends when its
 output does (end-of-file, as for ``$(...)`` in a shell), so a background job holding the pipe
 lasts until the timeout; when the call returns, for any reason, the whole process group has
 been killed, background jobs included. Processes that leave the group on purpose
@@ -42,6 +43,11 @@ _POLL_SECONDS = 0.01
 #: once the group is dead, unless a process that left the group still holds it.
 _DRAIN_SECONDS = 0.5
 _READ_CHUNK_BYTES = 65_536
+#: Threads scanning ``/proc`` for a dying group's members; never Trio's default limiter,
+#: never the tool limiter (the call already holds its token). A full scan reads every
+#: process's stat file (a few ms on a busy host: too long for the Trio thread); four
+#: threads serve many groups dying at once — a mass interrupt — without a thread each.
+_PROC_SCAN_THREADS = trio.CapacityLimiter(4)
 
 
 class TerminalArguments(BaseModel):
@@ -95,7 +101,7 @@ class _HeadTailBuffer:
 
 
 async def run_command(arguments: TerminalArguments, env: ToolEnvironment) -> ToolResult:
-    """Run ``arguments.command`` in ``env.workspace`` under one token of ``env.tool_limiter``.
+    """Run ``arguments.command`` in ``env.workspace`` (the runner holds the tool token).
 
     The result's content is the output, then a line with the exit code. ``is_error`` is true
     when the command failed (exit code not 0) or timed out, so the model sees the failure
@@ -118,36 +124,35 @@ async def run_command(arguments: TerminalArguments, env: ToolEnvironment) -> Too
     timeout = min(requested, env.max_command_timeout_seconds)
     output = _HeadTailBuffer(env.max_output_bytes)
     exit_code: int | None = None
-    async with env.tool_limiter:
-        started = trio.current_time()
-        try:
-            process = await trio.lowlevel.open_process(
-                ["/bin/bash", "-c", arguments.command],
-                cwd=env.workspace,
-                env=env.command_env,  # only what the server passes through: no secrets
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            message = f"Could not start /bin/bash in the workspace {env.workspace}: {exc}"
-            data = dict(exit_code=None, timed_out=False, truncated=False, duration_seconds=0.0)
-            return ToolResult(message, is_error=True, data=data)
-        stdout = process.stdout
-        assert stdout is not None  # stdout=PIPE
-        try:
-            with trio.move_on_after(timeout) as deadline:
+    started = trio.current_time()
+    try:
+        process = await trio.lowlevel.open_process(
+            ["/bin/bash", "-c", arguments.command],
+            cwd=env.workspace,
+            env=env.command_env,  # only what the server passes through: no secrets
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        message = f"Could not start /bin/bash in the workspace {env.workspace}: {exc}"
+        data = dict(exit_code=None, timed_out=False, truncated=False, duration_seconds=0.0)
+        return ToolResult(message, is_error=True, data=data)
+    stdout = process.stdout
+    assert stdout is not None  # stdout=PIPE
+    try:
+        with trio.move_on_after(timeout) as deadline:
+            await _read_until_eof(stdout, output)
+            exit_code = await process.wait()
+        if deadline.cancelled_caught:
+            await _kill_group(process)
+            with trio.move_on_after(_DRAIN_SECONDS):
                 await _read_until_eof(stdout, output)
-                exit_code = await process.wait()
-            if deadline.cancelled_caught:
-                await _kill_group(process)
-                with trio.move_on_after(_DRAIN_SECONDS):
-                    await _read_until_eof(stdout, output)
-        finally:
-            with trio.CancelScope(shield=True):
-                await _kill_group(process)  # background jobs left behind, or a cancel
-                await stdout.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _kill_group(process)  # background jobs left behind, or a cancel
+            await stdout.aclose()
     duration = trio.current_time() - started
     return _result(output, exit_code, timeout, requested > timeout, duration)
 
@@ -185,10 +190,13 @@ async def _wait_group_dead(process: trio.Process, pgid: int) -> None:
     Linux: members are found in ``/proc``. Elsewhere only the shell is waited for.
     """
     # One full scan of /proc (a few ms); later polls only re-read the members it found.
-    members = _live_members(pgid, None)
+    # Both read files: in a worker thread, so the Trio thread never blocks on /proc.
+    members = await trio.to_thread.run_sync(_live_members, pgid, None, limiter=_PROC_SCAN_THREADS)
     while True:
         exited = process.poll() is not None  # the shell is our child: reaping it is our job
-        members = _live_members(pgid, members)
+        members = await trio.to_thread.run_sync(
+            _live_members, pgid, members, limiter=_PROC_SCAN_THREADS
+        )
         if exited and not members:
             return
         await trio.sleep(_POLL_SECONDS)
