@@ -137,7 +137,7 @@ class RunSupervisor:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                await nursery.start(self._admit_into, nursery)
                 nursery.start_soon(self._shared.ends.retry_until_closed)
                 if self.settings.resume_on_start:
                     await self._resume(touched)
@@ -149,6 +149,24 @@ class RunSupervisor:
             self._nursery = None  # admits nothing more, however serve() ended
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
+
+    async def _admit_into(
+        self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Make ``nursery`` the home of new run tasks for as long as this task lives.
+
+        Why a task of its own: a nursery whose last child has ended is closed to new
+        arrivals *before* its parent task runs again, so a flag cleared by the parent
+        would still be set for a moment while ``start_soon`` already fails. This child
+        clears it on its way out (closing or cancelled), and the nursery cannot close
+        while it lives: ``self._nursery`` set means the nursery still takes tasks.
+        """
+        self._nursery = nursery
+        try:
+            task_status.started()
+            await self._closing.wait()
+        finally:
+            self._nursery = None
 
     async def _resume(self, conversation_ids: list[str]) -> None:
         """``resume_on_start``: queue what fits; leave the rest paused, and say so."""
