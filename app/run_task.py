@@ -39,6 +39,7 @@ from app.conversation import RunContext, is_cancellation, run_conversation
 from app.end_ledger import EndLedger
 from app.handles import ActiveRuns, RunHandle
 from app.lifecycle import Trigger
+from app.logs import log_fields
 from app.records import ConversationRecord
 from app.settings import Settings
 from app.slot_line import SlotLine
@@ -234,21 +235,26 @@ async def _host_thread(
 
 
 def _log_start(handle: RunHandle, admitted: float) -> None:
-    log.info(
-        "run started: conversation=%s run=%s waited_ms=%.0f",
-        handle.conversation_id,
-        handle.run_id,
-        (time.monotonic() - admitted) * 1000,
+    log_fields(
+        log,
+        "run started: conversation={conversation} run={run} waited_ms={waited_ms}",
+        conversation=handle.conversation_id,
+        run=handle.run_id,
+        waited_ms=round((time.monotonic() - admitted) * 1000),
     )
 
 
 def _log_end(handle: RunHandle, admitted: float) -> None:
     control = handle.control
-    log.info(
-        "run ended: conversation=%s run=%s as=%s steps=%d duration_ms=%.0f",
-        handle.conversation_id,
-        handle.run_id,
-        control.ended_as or "unknown",
-        control.steps,
-        (time.monotonic() - admitted) * 1000,
+    status, _, reason = (control.ended_as or "unknown/unknown").partition("/")
+    log_fields(
+        log,
+        "run ended: conversation={conversation} run={run} as={status}/{reason}"
+        " steps={steps} duration_ms={duration_ms}",
+        conversation=handle.conversation_id,
+        run=handle.run_id,
+        status=status,
+        reason=reason,
+        steps=control.steps,
+        duration_ms=round((time.monotonic() - admitted) * 1000),
     )
