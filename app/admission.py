@@ -17,10 +17,20 @@ does neither (a refused request stores nothing):
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from app.handles import RunHandle
-from app.records import RunRecord
+import trio
+
+from app.errors import ConversationBusy, NotFound, RunQueueFull, ShuttingDown
+from app.handles import IfBusy, RunHandle
+from app.lifecycle import Trigger
+from app.records import ConversationRecord, RunRecord
+from app.run_task import RunShared, record_end, run_admitted, unregister
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -52,3 +62,111 @@ class Admission:
         if self.position is None:
             return record
         return record.model_copy(update={"queue_position": self.position})
+
+
+class AdmissionDesk:
+    """Decides which runs are admitted and where they wait; starts their tasks.
+
+    It sees every active run (``shared.runs``) and the slot line, and keeps what admission
+    must know besides: the conversations being deleted, the runs whose threads were
+    abandoned (they may still hold slots), whether the supervisor is draining, and the
+    nursery new run tasks go to (``None`` when there is none: nothing is admitted).
+    Trio thread only, like everything it touches.
+    """
+
+    def __init__(self, shared: RunShared, max_queued_runs: int) -> None:
+        self.shared = shared
+        self.max_queued_runs = max_queued_runs
+        self.nursery: trio.Nursery | None = None
+        self.draining = False
+        self.deleting: set[str] = set()
+        self.abandoned: list[RunHandle] = []
+
+    def queued(self) -> int:
+        """Active runs without a slot: in the line, or behind their conversation's run."""
+        self.abandoned = [handle for handle in self.abandoned if handle.holds_slot]
+        holding = self.shared.line.seated - len(self.abandoned)
+        return len(self.shared.runs) - holding
+
+    def check(self, conversation_id: str | None, *, if_busy: IfBusy) -> None:
+        """Raise the error admission would raise now, without admitting anything.
+
+        Errors:
+            :class:`~app.errors.ShuttingDown`, :class:`~app.errors.NotFound` (being
+            deleted), :class:`~app.errors.ConversationBusy` (``if_busy=reject`` and a run is
+            active), :class:`~app.errors.RunQueueFull`.
+        """
+        if self.draining or self.nursery is None:
+            raise ShuttingDown("the server is shutting down and admits no new runs")
+        if conversation_id in self.deleting:
+            raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
+        runs = self.shared.runs.of_conversation(conversation_id)
+        if runs and if_busy is IfBusy.REJECT:
+            raise ConversationBusy(
+                "the conversation already has an active run; pass if_busy=enqueue to run "
+                "after it or if_busy=interrupt to replace it",
+                detail={"run_id": runs[-1].run_id},
+            )
+        queued = self.queued()
+        if queued >= self.max_queued_runs:
+            raise RunQueueFull(
+                f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
+                " retry later or raise the limit with PATCH /api/server/limits",
+                retry_after_seconds=self.shared.settings.queue_full_retry_after_seconds,
+                detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
+            )
+
+    async def admit(
+        self,
+        conversation_id: str,
+        write: Callable[[Admission], T],
+        conversation_of: Callable[[T], ConversationRecord],
+        *,
+        if_busy: IfBusy,
+        reason: str,
+    ) -> tuple[T, Admission]:
+        """Reserve, record with ``write`` (in a worker thread), then launch — or undo.
+
+        Errors: as :meth:`check`, and whatever ``write`` raises (nothing is admitted then).
+        """
+        admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason)
+        # Shielded: once the run is recorded, its task must start, or the record would be
+        # left queued with nobody to run it.
+        with trio.CancelScope(shield=True):
+            try:
+                result = await self.shared.io(write, admission)
+            except BaseException:
+                self._undo(admission)
+                raise
+            await self._launch(admission, conversation_of(result))
+        return result, admission
+
+    def _reserve(self, conversation_id: str, *, if_busy: IfBusy, reason: str) -> Admission:
+        """Step 1 (synchronous: nothing interleaves with the decision)."""
+        self.check(conversation_id, if_busy=if_busy)
+        runs, line = self.shared.runs, self.shared.line
+        earlier = runs.of_conversation(conversation_id)
+        handle = RunHandle(
+            str(uuid.uuid4()), conversation_id, previous=earlier[-1] if earlier else None
+        )
+        runs.add(handle)
+        position = line.admit(handle) if handle.previous is None else None
+        replaces = earlier if if_busy is IfBusy.INTERRUPT else []
+        return Admission(handle, position, reason, replaces)
+
+    def _undo(self, admission: Admission) -> None:
+        """The write failed: give the slot or the place to the next run; forget the run."""
+        self.shared.line.release(admission.handle)
+        unregister(admission.handle, self.shared)
+
+    async def _launch(self, admission: Admission, conversation: ConversationRecord) -> None:
+        handle = admission.handle
+        handle.workspace = conversation.workspace
+        for earlier in admission.replaces:
+            earlier.stop("interrupt")
+        if self.nursery is None:  # the supervisor stopped during the write: record only
+            self.shared.line.release(handle)
+            await record_end(handle, Trigger.STOP, "shutdown", self.shared)
+            unregister(handle, self.shared)
+            return
+        self.nursery.start_soon(run_admitted, handle, conversation, self.shared)

@@ -35,29 +35,24 @@ import contextlib
 import itertools
 import logging
 import math
-import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
 
-from app.admission import Admission
+from app import workspaces
+from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
 from app.errors import (
-    Conflict,
-    ConversationBusy,
     IllegalTransition,
-    NotFound,
     RunQueueFull,
-    ShuttingDown,
 )
 from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.records import ConversationRecord, RunRecord
-from app.run_task import RunShared, record_end, run_admitted, unregister
+from app.run_task import RunShared
 from app.settings import Settings
 from app.slot_line import SlotLine
 from app.store.base import EventStore
@@ -70,10 +65,6 @@ log = logging.getLogger("trellis.supervisor")
 #: within milliseconds; a custom step that blocks without a cancellation point is reported
 #: as still running rather than holding the HTTP request hostage.
 INTERRUPT_JOIN_SECONDS = 1.0
-
-
-class WorkspaceInUse(Conflict):
-    code = "workspace_in_use"
 
 
 class RunSupervisor:
@@ -94,7 +85,6 @@ class RunSupervisor:
         self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
         self.io_limiter = trio.CapacityLimiter(settings.io_threads)
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
-        self.max_queued_runs = settings.max_queued_runs
         self._runs = ActiveRuns()
         self._line = SlotLine(self.run_limiter)
         self._shared = RunShared(
@@ -109,10 +99,7 @@ class RunSupervisor:
             runs=self._runs,
             ends=EndLedger(self._write_end),
         )
-        self._abandoned: list[RunHandle] = []  # gave up on their threads; may hold slots
-        self._deleting: set[str] = set()
-        self._nursery: trio.Nursery | None = None
-        self._draining = False
+        self._desk = AdmissionDesk(self._shared, settings.max_queued_runs)
         self._closing = trio.Event()
 
     def __repr__(self) -> str:
@@ -146,7 +133,7 @@ class RunSupervisor:
                 await self._shared.ends.retry_now()
                 nursery.cancel_scope.cancel()  # the retry task; every run has ended
         finally:
-            self._nursery = None  # admits nothing more, however serve() ended
+            self._desk.nursery = None  # admits nothing more, however serve() ended
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
 
@@ -159,14 +146,14 @@ class RunSupervisor:
         arrivals *before* its parent task runs again, so a flag cleared by the parent
         would still be set for a moment while ``start_soon`` already fails. This child
         clears it on its way out (closing or cancelled), and the nursery cannot close
-        while it lives: ``self._nursery`` set means the nursery still takes tasks.
+        while it lives: ``desk.nursery`` set means the nursery still takes tasks.
         """
-        self._nursery = nursery
+        self._desk.nursery = nursery
         try:
             task_status.started()
             await self._closing.wait()
         finally:
-            self._nursery = None
+            self._desk.nursery = None
 
     async def _resume(self, conversation_ids: list[str]) -> None:
         """``resume_on_start``: queue what fits; leave the rest paused, and say so."""
@@ -202,7 +189,7 @@ class RunSupervisor:
         ``grace_seconds`` (default: ``shutdown_grace_seconds``), once their runs were
         recorded without them. Returns how many runs were abandoned that way (0 normally).
         """
-        self._draining = True
+        self._desk.draining = True
         handles = list(self._runs)
         for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
             handle.stop(reason)
@@ -226,7 +213,7 @@ class RunSupervisor:
                 await handle.done.wait()
         stuck = [handle for handle in handles if not handle.done.is_set()]
         for handle in stuck:
-            self._abandoned.append(handle)
+            self._desk.abandoned.append(handle)
             handle.abandon()
         for handle in stuck:  # their tasks record the end, then unregister
             await handle.done.wait()
@@ -234,7 +221,7 @@ class RunSupervisor:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._desk.draining
 
     # -- I/O door for handlers -------------------------------------------------------------
 
@@ -284,7 +271,8 @@ class RunSupervisor:
         if_busy: IfBusy = IfBusy.REJECT,
         reason: str = "user",
     ) -> tuple[T, Admission]:
-        """Admit a run: reserve its place now, record it with ``write``, then start it.
+        """Admit a run: reserve its place now, record it with ``write``, then start it
+        (see ``app/admission.py``).
 
         ``write(admission)`` runs in a worker thread (I/O limiter) and must record the run
         (``admission.run_id``, activated if ``admission.activate``) in one transaction,
@@ -292,52 +280,12 @@ class RunSupervisor:
         ``conversation_of(result)`` picks the conversation record out of its result.
 
         Errors:
-            :class:`~app.errors.ShuttingDown`; :class:`~app.errors.NotFound` (being
-            deleted); :class:`~app.errors.ConversationBusy` (``reject`` while a run is
-            active); :class:`~app.errors.RunQueueFull`; whatever ``write`` raises. In
-            every error case nothing was admitted, and ``write``'s transaction, if it ran,
-            was rolled back.
+            As :meth:`check_admission`, and whatever ``write`` raises. In every error case
+            nothing was admitted, and ``write``'s transaction, if it ran, was rolled back.
         """
-        admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason)
-        # Shielded: once the run is recorded, its task must start, or the record would be
-        # left queued with nobody to run it.
-        with trio.CancelScope(shield=True):
-            try:
-                result = await self.io(write, admission)
-            except BaseException:
-                self._undo(admission)
-                raise
-            await self._launch(admission, conversation_of(result))
-        return result, admission
-
-    def _reserve(self, conversation_id: str, *, if_busy: IfBusy, reason: str) -> Admission:
-        """Step 1 of admission (synchronous: nothing interleaves with the decision)."""
-        self.check_admission(conversation_id, if_busy=if_busy)
-        earlier = self._runs.of_conversation(conversation_id)
-        handle = RunHandle(
-            str(uuid.uuid4()), conversation_id, previous=earlier[-1] if earlier else None
+        return await self._desk.admit(
+            conversation_id, write, conversation_of, if_busy=if_busy, reason=reason
         )
-        self._runs.add(handle)
-        position = self._line.admit(handle) if handle.previous is None else None
-        replaces = earlier if if_busy is IfBusy.INTERRUPT else []
-        return Admission(handle, position, reason, replaces)
-
-    def _undo(self, admission: Admission) -> None:
-        """The write failed: give the slot or the place to the next run; forget the run."""
-        self._line.release(admission.handle)
-        unregister(admission.handle, self._shared)
-
-    async def _launch(self, admission: Admission, conversation: ConversationRecord) -> None:
-        handle = admission.handle
-        handle.workspace = conversation.workspace
-        for earlier in admission.replaces:
-            earlier.stop("interrupt")
-        if self._nursery is None:  # serve() ended during the write: record, don't run
-            self._line.release(handle)
-            await record_end(handle, Trigger.STOP, "shutdown", self._shared)
-            unregister(handle, self._shared)
-            return
-        self._nursery.start_soon(run_admitted, handle, conversation, self._shared)
 
     def check_admission(
         self, conversation_id: str | None = None, *, if_busy: IfBusy = IfBusy.ENQUEUE
@@ -349,31 +297,11 @@ class RunSupervisor:
             deleted), :class:`~app.errors.ConversationBusy` (``if_busy=reject`` and a run is
             active), :class:`~app.errors.RunQueueFull`.
         """
-        if self._draining or self._nursery is None:
-            raise ShuttingDown("the server is shutting down and admits no new runs")
-        if conversation_id in self._deleting:
-            raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
-        runs = self._runs.of_conversation(conversation_id)
-        if runs and if_busy is IfBusy.REJECT:
-            raise ConversationBusy(
-                "the conversation already has an active run; pass if_busy=enqueue to run "
-                "after it or if_busy=interrupt to replace it",
-                detail={"run_id": runs[-1].run_id},
-            )
-        queued = self._queued()
-        if queued >= self.max_queued_runs:
-            raise RunQueueFull(
-                f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
-                " retry later or raise the limit with PATCH /api/server/limits",
-                retry_after_seconds=self.settings.queue_full_retry_after_seconds,
-                detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
-            )
+        self._desk.check(conversation_id, if_busy=if_busy)
 
-    def _queued(self) -> int:
-        """Active runs without a slot: in the line, or behind their conversation's run."""
-        self._abandoned = [handle for handle in self._abandoned if handle.holds_slot]
-        holding = self._line.seated - len(self._abandoned)
-        return len(self._runs) - holding
+    @property
+    def max_queued_runs(self) -> int:
+        return self._desk.max_queued_runs
 
     # -- control -------------------------------------------------------------------------
 
@@ -427,14 +355,15 @@ class RunSupervisor:
         recorded without it (see :meth:`drain`), and the deletion goes on.
 
         Errors:
-            :class:`~app.errors.NotFound`; ``WorkspaceInUse`` (409, nothing deleted) when
+            :class:`~app.errors.NotFound`; :class:`~app.workspaces.WorkspaceInUse` (409,
+            nothing deleted) when
             ``delete_workspace`` names a workspace that another conversation's active run
             works in.
         """
         conversation = await self.io(self.store.get_conversation, conversation_id)
         if delete_workspace:
-            self._check_workspace_free(conversation)
-        self._deleting.add(conversation_id)
+            workspaces.check_workspace_free(conversation, self._runs)
+        self._desk.deleting.add(conversation_id)
         try:
             handles = self._runs.of_conversation(conversation_id)
             for handle in handles:
@@ -442,32 +371,10 @@ class RunSupervisor:
             await self._join(handles, self.settings.shutdown_grace_seconds)
             await self.io(self.store.delete_conversation, conversation_id)
             if delete_workspace:
-                await self._delete_workspace(conversation)
+                root = self.settings.workspaces_path
+                await workspaces.delete_workspace(conversation, self._runs, root, self.io)
         finally:
-            self._deleting.discard(conversation_id)
-
-    def _check_workspace_free(self, conversation: ConversationRecord) -> None:
-        users = [
-            handle.conversation_id
-            for handle in self._runs
-            if handle.workspace == conversation.workspace
-            and handle.conversation_id != conversation.id
-        ]
-        if users:
-            raise WorkspaceInUse(
-                f"the workspace {conversation.workspace!r} is used by an active run of another"
-                " conversation; delete without delete_workspace, or stop that run first",
-                detail={"workspace": conversation.workspace, "conversation_id": users[0]},
-            )
-
-    async def _delete_workspace(self, conversation: ConversationRecord) -> None:
-        try:
-            self._check_workspace_free(conversation)
-        except WorkspaceInUse:
-            log.warning("workspace %r kept: a run started in it meanwhile", conversation.workspace)
-            return
-        workspace = self.settings.workspaces_path / conversation.workspace
-        await self.io(shutil.rmtree, workspace, ignore_errors=True)
+            self._desk.deleting.discard(conversation_id)
 
     async def wait_run(
         self, conversation_id: str, run_id: str, timeout_seconds: float
@@ -538,13 +445,13 @@ class RunSupervisor:
             self.run_limiter.total_tokens = max_concurrent_runs
             self._line.fill()
         if max_queued_runs is not None:
-            self.max_queued_runs = max_queued_runs
+            self._desk.max_queued_runs = max_queued_runs
 
     def statistics(self) -> SupervisorStatistics:
         io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()
         return SupervisorStatistics(
             running=self._line.seated,
-            queued=self._queued(),
+            queued=self._desk.queued(),
             waiting_for_slot=len(self._line),
             run_threads_alive=self._shared.run_threads.borrowed_tokens,
             max_concurrent_runs=int(self.run_limiter.total_tokens),
@@ -555,7 +462,7 @@ class RunSupervisor:
             tool_borrowed=tool.borrowed_tokens,
             tool_total=int(tool.total_tokens),
             tool_waiting=tool.tasks_waiting,
-            draining=self._draining,
+            draining=self._desk.draining,
         )
 
 
