@@ -39,6 +39,7 @@ from app.events import (
     Source,
 )
 from app.lifecycle import Trigger
+from app.redact import redact
 from app.store.base import EventQuery, EventStore
 from app.tools.base import ToolEnvironment, ToolResult
 from app.tools.calls import ToolCall, ToolRegistry, execute_calls
@@ -228,6 +229,7 @@ def _loop(ctx: RunContext, agent: Agent) -> None:
 
 
 def _fail(ctx: RunContext, message: str, error_type: str, *, reason: str) -> None:
+    message = redact(message, workspace=ctx.tool_env.workspace)  # no secrets, no server paths
     ctx.emit(ErrorPayload(message=message, error_type=error_type), Source.SYSTEM)
     _end(ctx, Trigger.FAIL, reason, error=message)
 

@@ -3,14 +3,18 @@
 ::
 
     TrellisError                      500 internal_error
-    ├── BadRequest                    400 bad_request       (malformed JSON, ...)
+    ├── BadRequest                    400 bad_request       (malformed JSON, duplicate keys,
+    │                                                        too deep, a number too long)
+    ├── ForbiddenOrigin               403 forbidden_origin  (Origin not in allowed_origins)
     ├── NotFound                      404 not_found
     ├── RequestTimeout                408 timeout           (a wait that ran out)
     ├── Conflict                      409 conflict
     │   ├── IllegalTransition         409 illegal_transition
     │   ├── ConversationBusy          409 conversation_busy
     │   └── IdempotencyKeyReused      409 idempotency_key_reused
-    ├── PayloadTooLarge               413 payload_too_large
+    ├── PayloadTooLarge               413 payload_too_large (body, agent spec)
+    ├── UnsupportedMediaType          415 unsupported_media_type (not UTF-8 JSON)
+    ├── MisdirectedRequest            421 misdirected_request (Host not this server's)
     ├── InvalidInput                  422 validation_error
     ├── RunQueueFull                  429 run_queue_full    (+ Retry-After)
     ├── ShuttingDown                  503 shutting_down
@@ -82,6 +86,36 @@ class IdempotencyKeyReused(Conflict):
 class PayloadTooLarge(TrellisError):
     status = 413
     code = "payload_too_large"
+
+
+class ForbiddenOrigin(TrellisError):
+    """The request came from a web page whose origin is not in ``allowed_origins``.
+
+    Browsers add ``Origin`` to cross-site requests; a page on another site must not be able
+    to drive the API of a server on the user's machine.
+    """
+
+    status = 403
+    code = "forbidden_origin"
+
+
+class UnsupportedMediaType(TrellisError):
+    """The body is not declared as JSON, or not encoded as UTF-8.
+
+    Refusing every other type is what keeps browsers out: a page may send ``text/plain``
+    or a form cross-site without asking first, but never ``application/json``.
+    """
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(TrellisError):
+    """The ``Host`` header names a server this is not (DNS rebinding): neither the bound
+    address, a loopback name, nor an ``allowed_hosts`` entry."""
+
+    status = 421
+    code = "misdirected_request"
 
 
 class InvalidInput(TrellisError):

@@ -1,4 +1,5 @@
-"""Records of conversations and runs, as the store keeps them and the API returns them."""
+"""Records of conversations and runs, as the store keeps them and the API returns them;
+the smaller summaries that lists return."""
 
 from __future__ import annotations
 
@@ -39,14 +40,13 @@ class Usage(BaseModel):
     completion_tokens: int = 0
 
 
-class ConversationRecord(BaseModel):
-    """A conversation with its latest run (``run``), or ``None`` before the first one."""
+class _Conversation(BaseModel):
+    """What a conversation's record and its summary share."""
 
     model_config = ConfigDict(frozen=True)
     id: str
     title: str | None
     status: Status
-    agent: dict[str, Any]
     max_iterations: int
     #: The directory (under ``workspaces_dir``) where this conversation's tools work.
     workspace: str
@@ -55,3 +55,31 @@ class ConversationRecord(BaseModel):
     event_count: int
     usage: Usage = Usage()
     run: RunRecord | None
+
+
+class ConversationRecord(_Conversation):
+    """A conversation with its latest run (``run``), or ``None`` before the first one."""
+
+    agent: dict[str, Any]
+
+
+class ConversationSummary(_Conversation):
+    """A conversation as lists show it: its record with the agent spec's ``kind`` instead
+    of the whole spec (which may be 64 KiB), and at most the first
+    ``app.store.queries.SUMMARY_ERROR_CHARS`` characters of its run's error (``…`` marks a cut)."""
+
+    agent_kind: str
+
+
+class UnreadableConversation(BaseModel):
+    """A stored conversation that cannot be shown (a damaged row, or one another program
+    wrote). A list shows its ``id`` and an ``error`` marker in its place instead of failing
+    as a whole; the server log says what was wrong."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    error: str
+
+
+#: An item of the conversation list.
+ConversationListItem = ConversationSummary | UnreadableConversation

@@ -46,6 +46,7 @@ from app.slot_line import SlotLine
 from app.store.base import EventStore
 from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolRegistry
+from app.workspaces import workspace_path
 
 T = TypeVar("T")
 log = logging.getLogger("trellis.runs")
@@ -114,7 +115,7 @@ def run_context(
     """What the run thread gets: the store, the agent spec, the tools and their workspace."""
     settings = shared.settings
     tool_env = ToolEnvironment(
-        workspace=settings.workspaces_path / conversation.workspace,
+        workspace=workspace_path(settings.workspaces_path, conversation),
         tool_limiter=shared.tool_limiter,
         command_timeout_seconds=settings.command_timeout_seconds,
         max_command_timeout_seconds=settings.max_command_timeout_seconds,
@@ -124,6 +125,8 @@ def run_context(
             for name in settings.command_env_passthrough
             if name in os.environ
         },
+        sandbox=settings.sandbox,
+        sandbox_network=settings.sandbox_network,
     )
     return RunContext(
         store=shared.store,

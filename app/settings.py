@@ -18,9 +18,11 @@ How each source treats a mistake:
   (``env TRELLIS_PORT='abc': ...``, ``config file x.toml: port: ...``, ``--port 'abc': ...``).
 
 Secrets: a value is never repeated in a message when its name looks secret (contains KEY,
-TOKEN, SECRET or PASSWORD). Settings themselves hold no secret: the model API key is read
-from the environment *by name* (``llm.api_key_env``) when a request is made. A test keeps it
-that way, which is what lets ``GET /api/server`` show every setting.
+TOKEN, SECRET or PASSWORD). Settings hold no API key: a provider's key is read from the
+environment *by name* (``llm.api_key_env``, ``llm.providers.NAME.api_key_env``) once, at
+start-up, and removed from it (:func:`app.redact.take_secret`). A password in a provider's
+``base_url`` is masked whenever settings are shown as JSON, which is what lets
+``GET /api/server`` show every setting.
 
 Errors:
     :class:`SettingsError` (a ``ValueError``), one ``; ``-separated line naming every
@@ -34,10 +36,19 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
+from app.redact import mask_url
 from app.settings_sources import (
     SettingsError,
     describe_errors,
@@ -49,8 +60,10 @@ from app.settings_sources import (
 
 __all__ = [
     "CONFIG_ENV_VAR",
+    "DEFAULT_PROVIDER",
     "ENV_PREFIX",
     "LLMSettings",
+    "ProviderSettings",
     "ResolvedSettings",
     "Settings",
     "SettingsError",
@@ -63,34 +76,56 @@ ENV_PREFIX = "TRELLIS_"
 CONFIG_ENV_VAR = "TRELLIS_CONFIG"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+# allowed_origins / allowed_hosts entries: an origin exactly as browsers send it, a host name
+# (or IP address) without port.
+_ORIGIN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+_HOST_NAME = r"^[A-Za-z0-9.-]+$|^\[[0-9A-Fa-f:.]+\]$"
 LogFormat = Literal["text", "json"]
+SandboxSetting = Literal["auto", "bwrap", "none"]
 
 
 class UnknownSettingWarning(UserWarning):
     """A ``TRELLIS_*`` environment variable names no setting; it was ignored."""
 
 
-class LLMSettings(BaseModel):
-    """Server-side defaults of the ``llm`` agent kind (the ``[llm]`` table)."""
+DEFAULT_PROVIDER = "default"
+#: A provider's name: a TOML key and part of an environment variable's name.
+ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+# base_url and api_key_env: declared twice (a named provider has no default URL and no key;
+# the [llm] table has both), constrained and described once.
+_BASE_URL: dict[str, Any] = {
+    "pattern": r"^https?://",
+    "max_length": 2000,
+    "description": "OpenAI-compatible Chat Completions endpoint (ending in /v1).",
+}
+_API_KEY_ENV: dict[str, Any] = {
+    "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$",
+    "description": "Name of the environment variable holding the API key (not the key);"
+    " read once at start-up and removed from the environment.",
+}
+
+
+class ProviderSettings(BaseModel):
+    """One model provider the operator allows (an ``[llm.providers.NAME]`` table).
+
+    Agent specs pick a provider by name and never see its URL or its key: what a request may
+    reach, and with which credentials, is the operator's decision alone. A URL's password is
+    masked (``***``) wherever settings are shown as JSON (``GET /api/server``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_url: str = Field(
-        "http://127.0.0.1:8080/v1",
-        pattern=r"^https?://",
-        description="OpenAI-compatible Chat Completions endpoint (ending in /v1).",
-    )
+    base_url: str = Field(**_BASE_URL)
     model: str = Field("default", min_length=1, description="Model name sent with requests.")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Name of the environment variable holding the API key (not the key).",
-    )
+    api_key_env: str | None = Field(None, **_API_KEY_ENV)
     max_retries: int = Field(
         4, ge=0, le=20, description="Retries of a request after 429, 5xx or a connection error."
     )
     request_timeout_seconds: float = Field(
-        120.0, gt=0, le=3600, description="Time limit of one model request."
+        120.0,
+        gt=0,
+        le=3600,
+        description="Time limit of one model request, whole answer included (not an idle timeout).",
     )
     connect_timeout_seconds: float = Field(
         10.0, gt=0, le=600, description="Time limit for connecting to the endpoint."
@@ -104,6 +139,48 @@ class LLMSettings(BaseModel):
     step_timeout_seconds: float = Field(
         600.0, gt=0, le=86_400, description="Time limit of one step's request, retries included."
     )
+    max_response_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="Largest answer read from the provider; a larger one fails the step.",
+    )
+
+    @field_serializer("base_url", when_used="json")
+    def _masked_base_url(self, base_url: str) -> str:
+        return mask_url(base_url)
+
+
+class LLMSettings(ProviderSettings):
+    """The ``[llm]`` table: the ``default`` provider itself, and the named ones.
+
+    A one-provider set-up stays one table; more providers are ``[llm.providers.NAME]``
+    tables with the same keys (``base_url`` required; no key unless ``api_key_env`` is
+    given; any other key left out takes its documented default, not the ``[llm]`` value).
+    """
+
+    base_url: str = Field("http://127.0.0.1:8080/v1", **_BASE_URL)
+    api_key_env: str | None = Field("OPENAI_API_KEY", **_API_KEY_ENV)
+    providers: dict[ProviderName, ProviderSettings] = Field(
+        default_factory=dict,
+        description="More providers, by name ([llm.providers.NAME] tables); agent specs"
+        f' pick one with "provider": "NAME" (none given: {DEFAULT_PROVIDER!r}, this table).',
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _default_is_this_table(
+        cls, providers: dict[str, ProviderSettings]
+    ) -> dict[str, ProviderSettings]:
+        if DEFAULT_PROVIDER in providers:
+            raise ValueError(
+                f"{DEFAULT_PROVIDER!r} is the [llm] table itself; give this provider another name"
+            )
+        return providers
+
+    def provider_tables(self) -> dict[str, ProviderSettings]:
+        """Every provider by name: ``default`` (this table) first, then the named ones."""
+        return {DEFAULT_PROVIDER: self, **self.providers}
 
 
 class Settings(BaseModel):
@@ -153,6 +230,14 @@ class Settings(BaseModel):
         default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TERM", "TZ", "TMPDIR"],
         description="Environment variables the terminal tool's commands inherit.",
     )
+    sandbox: SandboxSetting = Field(
+        "auto",
+        description="Confine terminal commands: bwrap (bubblewrap), none, or auto (bwrap when"
+        " it works on this host, else none with a warning).",
+    )
+    sandbox_network: bool = Field(
+        True, description="Commands in the bwrap sandbox may use the network (false: none)."
+    )
 
     max_iterations: int = Field(
         100, ge=1, le=1_000_000, description="Default step limit of one run."
@@ -169,12 +254,29 @@ class Settings(BaseModel):
     max_request_bytes: int = Field(
         1_048_576, ge=1024, le=1 << 30, description="Largest accepted request body (bytes)."
     )
+    max_agent_spec_bytes: int = Field(
+        65_536,
+        ge=1024,
+        le=1 << 30,
+        description="Largest agent spec (its JSON, bytes) a conversation may be created with.",
+    )
+    allowed_origins: list[Annotated[str, Field(pattern=_ORIGIN)]] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) of web pages allowed to call the API;"
+        " a request with any other Origin header is 403.",
+    )
+    allowed_hosts: list[Annotated[str, Field(pattern=_HOST_NAME)]] = Field(
+        default_factory=list,
+        description="Names the Host header may carry besides loopback names and the bound"
+        " address (any other is 421: DNS rebinding).",
+    )
     log_level: LogLevel = Field("info", description="Least severe log level written.")
     log_format: LogFormat = Field(
         "text", description="Log lines on stderr: text for people, json for log shippers."
     )
     llm: LLMSettings = Field(
-        default_factory=LLMSettings, description="Defaults of the llm agent kind."
+        default_factory=LLMSettings,
+        description="Model providers of the llm agent kind: [llm] is the default one.",
     )
 
     @property

@@ -7,6 +7,10 @@ of the last layer that set it, so a table is merged key by key, never replaced w
 merged values are validated once, by the settings model; each validation error is traced
 back to its entry by the longest key path that is a prefix of the error's location.
 
+A *map of tables* (``llm.providers``: a ``dict`` of models) has keys chosen by the operator:
+``[llm.providers.NAME]`` in TOML, ``TRELLIS_LLM__PROVIDERS__NAME__KEY`` in the environment
+(``NAME`` lower-cased). Its entries are merged key by key like any table; it has no flags.
+
 This module knows nothing of the concrete settings: ``app/settings.py`` passes its model.
 
 Errors:
@@ -22,7 +26,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -88,20 +92,25 @@ def environ_layer(
 ) -> tuple[Layer, list[str]]:
     """The ``prefix``-ed variables of ``environ`` that name a field of ``model``.
 
-    ``PREFIX_NAME`` sets a field, ``PREFIX_TABLE__KEY`` a key of a table; a list field takes
-    a JSON array. Any other ``PREFIX_*`` variable (but those in ``skip``) is left out, and
-    described in the returned warnings, with the closest real name when there is one.
+    ``PREFIX_NAME`` sets a field, ``PREFIX_TABLE__KEY`` a key of a table,
+    ``PREFIX_TABLE__MAP__ENTRY__KEY`` a key of an entry of a map of tables; a list field
+    takes a JSON array. Any other ``PREFIX_*`` variable (but those in ``skip``) is left out,
+    and described in the returned warnings, with the closest real name when there is one.
     """
     known = {prefix + "__".join(key).upper(): (key, field) for key, field in leaf_fields(model)}
+    maps = {
+        prefix + "__".join(key).upper() + "__": (key, table) for key, table in map_tables(model)
+    }
     layer: Layer = {}
     notes: list[str] = []
     for name, text in environ.items():
         if not name.startswith(prefix) or name in skip:
             continue
-        if name.upper() not in known:
+        found = known.get(name.upper()) or _map_entry(name.upper(), maps)
+        if found is None:
             notes.append(_unknown_variable(name, list(known)))
             continue
-        key, field = known[name.upper()]
+        key, field = found
         value = _json_list(text) if get_origin(field.annotation) is list else text
         layer[key] = Entry(value, _shown(f"env {name}", text, separator="="))
     return layer, notes
@@ -120,13 +129,27 @@ def overrides_layer(overrides: Mapping[str, Any]) -> Layer:
 
 
 def leaf_fields(model: type[BaseModel], key: KeyPath = ()) -> Iterator[tuple[KeyPath, FieldInfo]]:
-    """Every setting of ``model`` with its key path; tables (nested models) descended into."""
+    """Every setting of ``model`` with its key path; tables (nested models) descended into,
+    maps of tables (see :func:`map_tables`) left out."""
     for name, field in model.model_fields.items():
         table = _table(model, name)
-        if table is None:
-            yield (*key, name), field
-        else:
+        if table is not None:
             yield from leaf_fields(table, (*key, name))
+        elif _map_value(model, name) is None:
+            yield (*key, name), field
+
+
+def map_tables(
+    model: type[BaseModel], key: KeyPath = ()
+) -> Iterator[tuple[KeyPath, type[BaseModel]]]:
+    """Every map of tables of ``model`` (a ``dict[str, SomeModel]`` field, such as
+    ``llm.providers``) with its key path and the model of its entries."""
+    for name in model.model_fields:
+        table = _table(model, name)
+        if table is not None:
+            yield from map_tables(table, (*key, name))
+        elif (entry := _map_value(model, name)) is not None:
+            yield (*key, name), entry
 
 
 def flag_name(key: KeyPath) -> str:
@@ -178,7 +201,11 @@ def _where(loc: KeyPath, origins: Mapping[KeyPath, str]) -> str:
         if origin is not None:
             rest = ".".join(loc[size:])
             return f"{origin}: {rest}" if rest else origin
-    return ".".join(loc) or "settings"
+    # A key nobody set (a required one): name a source that set its table, if any did.
+    table = loc[:-1]
+    beside = [origin for key, origin in origins.items() if table and key[: len(table)] == table]
+    where = ".".join(loc) or "settings"
+    return f"{where} (a table set by {beside[0]})" if beside else where
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -202,12 +229,41 @@ def _table(model: type[BaseModel], name: str) -> type[BaseModel] | None:
     return None
 
 
+def _map_value(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The entries' model when field ``name`` is a map of tables (``dict[str, Model]``)."""
+    field = model.model_fields.get(name)
+    if field is None or get_origin(field.annotation) is not dict:
+        return None
+    value = get_args(field.annotation)[-1]
+    return value if isinstance(value, type) and issubclass(value, BaseModel) else None
+
+
+def _map_entry(
+    name: str, maps: Mapping[str, tuple[KeyPath, type[BaseModel]]]
+) -> tuple[KeyPath, FieldInfo] | None:
+    """``PREFIX_MAP__ENTRY__KEY`` as the key path ``(*map, "entry", "key")`` and its field."""
+    for start, (key, table) in maps.items():
+        entry, separator, field_name = name.removeprefix(start).partition("__")
+        field = table.model_fields.get(field_name.lower())
+        if name.startswith(start) and entry and separator and field is not None:
+            return (*key, entry.lower(), field_name.lower()), field
+    return None
+
+
 def _field_names(model: type[BaseModel], key: KeyPath) -> list[str]:
-    """The field names of the (nested) model at ``key``; none if it is not a table."""
+    """The field names of the (nested) model at ``key``; none if it is not a table. An
+    entry of a map of tables (``llm.providers.NAME``) is a table of the map's model."""
     current: type[BaseModel] | None = model
+    in_map = False
     for part in key:
-        current = _table(current, part) if current is not None else None
-    return list(current.model_fields) if current is not None else []
+        if current is None:
+            break
+        if in_map:
+            in_map = False  # ``part`` names an entry: ``current`` is already its model
+            continue
+        table, entry = _table(current, part), _map_value(current, part)
+        current, in_map = (entry, True) if entry is not None else (table, False)
+    return list(current.model_fields) if current is not None and not in_map else []
 
 
 def _json_list(text: str) -> Any:

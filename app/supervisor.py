@@ -115,10 +115,12 @@ class RunSupervisor:
     async def serve(
         self, *, task_status: trio.TaskStatus[RunSupervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Recover from a crash, then own the run nursery until :meth:`aclose`.
+        """Sort old workspaces into their namespaces (once), recover from a crash, then own
+        the run nursery until :meth:`aclose`.
 
         For ``nursery.start``: reports started once runs can be admitted.
         """
+        await self.io(workspaces.migrate_legacy_layout, self.settings.workspaces_path, self.store)
         touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
         if touched:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
@@ -349,7 +351,8 @@ class RunSupervisor:
         self, conversation_id: str, *, delete_workspace: bool = False
     ) -> None:
         """Stop the conversation's runs (reason ``deleted``), wait for them, delete it all —
-        with ``delete_workspace``, its workspace directory too.
+        with ``delete_workspace``, its workspace directory too, unless that is a named one
+        another conversation still names (see :mod:`app.workspaces`).
 
         Bounded: a run whose thread ignores cancellation for ``shutdown_grace_seconds`` is
         recorded without it (see :meth:`drain`), and the deletion goes on.
@@ -372,7 +375,9 @@ class RunSupervisor:
             await self.io(self.store.delete_conversation, conversation_id)
             if delete_workspace:
                 root = self.settings.workspaces_path
-                await workspaces.delete_workspace(conversation, self._runs, root, self.io)
+                await workspaces.delete_workspace(
+                    conversation, self._runs, root, self.store, self.io
+                )
         finally:
             self._desk.deleting.discard(conversation_id)
 

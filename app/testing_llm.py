@@ -12,7 +12,11 @@ got::
 
 A scripted answer can be delayed (``delay_seconds``: the server holds the response; closing
 the server releases it at once), be an HTTP error (``error_reply(429, retry_after=...)``),
-or carry any JSON body (``ScriptedReply(400, ["not", "an", "object"])``).
+or carry any JSON body (``ScriptedReply(400, ["not", "an", "object"])``). Two misbehave the
+way real providers sometimes do: ``ScriptedReply(..., drip_seconds=1.0)`` sends its body one
+byte at a time, and :func:`oversized_reply` streams a body of any size (generated as it is
+sent, without ``Content-Length``). ``body_bytes_sent`` says how much of each answer's body
+went out before the client stopped reading.
 
 Like every real provider, the server refuses (400, without using up a scripted reply) a
 request whose ``messages`` leave a tool call unanswered or answer a call nobody made:
@@ -34,6 +38,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,12 +48,19 @@ JsonObject = dict[str, Any]
 
 @dataclass(frozen=True)
 class ScriptedReply:
-    """One scripted answer: a status, a JSON body (any JSON value), headers, a delay."""
+    """One scripted answer: a status, a JSON body (any JSON value), headers, a delay.
+
+    ``drip_seconds``: the headers go out at once, then the body one byte at a time, this
+    long apart. ``streamed_bytes``: instead of ``body``, a body this large is generated
+    while it is sent (see :func:`oversized_reply`).
+    """
 
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
     delay_seconds: float = 0.0
+    drip_seconds: float = 0.0
+    streamed_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,13 @@ def error_reply(
     headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
     body = {"error": {"message": message, "type": "scripted", "code": status}}
     return ScriptedReply(status, body, headers)
+
+
+def oversized_reply(total_bytes: int) -> ScriptedReply:
+    """A 200 whose body is ``total_bytes`` long (JSON padding, never held in memory), sent
+    without ``Content-Length`` and ended by closing the connection: the client cannot know
+    the size before reading it."""
+    return ScriptedReply(200, None, streamed_bytes=total_bytes)
 
 
 def message_sequence_error(messages: Any) -> str | None:
@@ -165,6 +184,8 @@ class FakeChatServer:
         self.check_messages = check_messages
         self._script: deque[ScriptedReply] = deque()
         self.requests: list[RecordedRequest] = []
+        #: Body bytes written per answer, in answer order (complete once the server closed).
+        self.body_bytes_sent: list[int] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
         #: Open connections and the daemon thread serving each (daemon: a server nobody
@@ -262,7 +283,7 @@ class FakeChatServer:
                 self._answer(reply)
 
             def _answer(self, reply: ScriptedReply) -> None:
-                payload = json.dumps(reply.body).encode()
+                sent = 0
                 try:
                     self.send_response(reply.status)
                     for name, value in {
@@ -270,13 +291,47 @@ class FakeChatServer:
                         **reply.headers,
                     }.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    for part in self._body(reply):
+                        self.wfile.write(part)
+                        sent += len(part)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client gave up (an interrupted run)
+                finally:
+                    with fake._lock:
+                        fake.body_bytes_sent.append(sent)
+
+            def _body(self, reply: ScriptedReply) -> Iterator[bytes]:
+                """Ends the headers, then yields the body's parts as they are to be sent."""
+                if reply.streamed_bytes:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True  # the end of the body is the end of the stream
+                    self.end_headers()
+                    yield from _padding(reply.streamed_bytes)
+                    return
+                payload = json.dumps(reply.body).encode()
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if not reply.drip_seconds:
+                    yield payload
+                    return
+                for index in range(len(payload)):
+                    if fake._closing.wait(reply.drip_seconds):
+                        self.close_connection = True
+                        return  # closing: drop the connection mid-body
+                    yield payload[index : index + 1]
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean
 
         return Handler
+
+
+def _padding(total_bytes: int) -> Iterator[bytes]:
+    """A JSON object ``total_bytes`` long, in 64 KiB parts: ``{"padding": "xxx…"}``."""
+    head, tail = b'{"padding": "', b'"}'
+    filler = total_bytes - len(head) - len(tail)
+    part = b"x" * 65536
+    yield head
+    for start in range(0, filler, len(part)):
+        yield part[: min(len(part), filler - start)]
+    yield tail

@@ -15,7 +15,8 @@ Lifetime (who owns what):
 ``python -m app serve`` drains earlier, as soon as the signal arrives (see
 ``app/cli/serving.py``); the drain in ``after_serving`` then finds nothing left to do.
 
-Every request is logged as one line when its response is ready: method, path (never the
+Every request first passes the guards of ``app/api/guards.py`` (Host, Origin, a JSON body),
+and is logged as one line when its response is ready: method, path (never the
 query string), status and milliseconds — never headers or bodies.
 """
 
@@ -29,8 +30,9 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
-from app.api import conversations, events, openapi, runs, server
+from app.api import connection, conversations, events, openapi, runs, server
 from app.api.errors import register_error_handlers
+from app.api.guards import install_guards
 from app.logs import log_fields
 from app.settings import Settings
 from app.store.base import EventStore
@@ -61,6 +63,8 @@ def create_app(
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
     _log_requests(app)
+    install_guards(app, settings)  # after the clock starts: a refused request is logged too
+    connection.install(app)  # a body left unread never stalls its keep-alive connection
     # Blocking store open/close go to a thread on a limiter of their own (never Trio's
     # default one).
     lifetime_limiter = trio.CapacityLimiter(1)

@@ -57,6 +57,8 @@ from raw_client import RawClient
 from server_process import TrellisServer
 from workload import log, wait_for_statistics
 
+from app.testing_llm import FakeChatServer
+
 SATURATING_RUNS = 256  # the scenario: 256 runs in 256 slots
 WARM_REQUESTS = 20  # "a few requests" before reading the idle RSS
 
@@ -111,13 +113,19 @@ def measure_while_starting(results: dict[str, Any]) -> None:
 
 
 def measure_queue_and_interrupt(results: dict[str, Any]) -> None:
-    with TrellisServer("--max-concurrent-runs", "1") as server, RawClient(server.port) as client:
+    # The provider is the operator's setting (an agent spec cannot name a URL): start the
+    # fake provider first and point the server's default provider at it.
+    with (
+        FakeChatServer() as provider,
+        TrellisServer("--max-concurrent-runs", "1", "--llm-base-url", provider.url) as server,
+        RawClient(server.port) as client,
+    ):
         log("queue order")
         results["queue_order"] = runs.queue_order(server, client)
         log("interrupt latency")
         results["interrupt"] = runs.interrupt_latency(client)
         log("interrupt latency, llm run mid provider request")
-        results["llm_interrupt"] = runs.llm_interrupt_latency(client)
+        results["llm_interrupt"] = runs.llm_interrupt_latency(client, provider)
 
 
 def main() -> int:

@@ -157,23 +157,23 @@ def interrupt_latency(client: RawClient) -> dict[str, Any]:
     return _interrupts(client, LONG_RUN, in_step)
 
 
-def llm_interrupt_latency(client: RawClient) -> dict[str, Any]:
+def llm_interrupt_latency(client: RawClient, provider: FakeChatServer) -> dict[str, Any]:
     """The same while an ``llm`` run waits for a provider that answers after 60 s: the
-    provider is a real local HTTP server (app.testing_llm), the request is in flight."""
-    with FakeChatServer() as provider:
-        agent = {"kind": "llm", "base_url": provider.url, "model": "bench"}
+    provider is a real local HTTP server (app.testing_llm), configured as the server's
+    default provider; the request is in flight."""
+    agent = {"kind": "llm", "model": "bench"}
 
-        def in_step(run_path: str) -> None:
-            wanted = len(provider.requests) + 1
-            provider.add(text_reply("too late", delay_seconds=60))
-            _wait_until_running(client, run_path)
-            deadline = time.monotonic() + 10
-            while len(provider.requests) < wanted:  # the request reached the provider
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the llm run never called the provider")
-                time.sleep(0.001)
+    def in_step(run_path: str) -> None:
+        wanted = len(provider.requests) + 1
+        provider.add(text_reply("too late", delay_seconds=60))
+        _wait_until_running(client, run_path)
+        deadline = time.monotonic() + 10
+        while len(provider.requests) < wanted:  # the request reached the provider
+            if time.monotonic() > deadline:
+                raise RuntimeError("the llm run never called the provider")
+            time.sleep(0.001)
 
-        return _interrupts(client, agent, in_step)
+    return _interrupts(client, agent, in_step)
 
 
 def _interrupts(

@@ -22,6 +22,7 @@ from app.testing_llm import (
     text_reply,
     tool_call_reply,
 )
+from app.workspaces import workspace_path
 from tests.conftest import assert_all_returned, new_conversation
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,20 +36,34 @@ def provider() -> Iterator[FakeChatServer]:
         yield fake
 
 
+def with_llm(settings: Settings, base_url: str, **fields: Any) -> Settings:
+    """``settings`` whose default provider is ``base_url`` (``[llm]`` keys in ``fields``)."""
+    return settings.model_copy(update={"llm": LLMSettings(base_url=base_url, **fields)})
+
+
 @pytest.fixture
 async def sup(
-    settings: Settings, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    store: SqliteStore,
+    provider: FakeChatServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[RunSupervisor]:
     monkeypatch.setenv("TRELLIS_TEST_KEY", API_KEY)
-    fast = LLMSettings(api_key_env="TRELLIS_TEST_KEY", max_retries=2, backoff_base_seconds=0.01)
-    async with open_run_supervisor(settings.model_copy(update={"llm": fast}), store) as supervisor:
+    fast = with_llm(
+        settings,
+        provider.url,
+        api_key_env="TRELLIS_TEST_KEY",
+        max_retries=2,
+        backoff_base_seconds=0.01,
+    )
+    async with open_run_supervisor(fast, store) as supervisor:
         yield supervisor
     await supervisor.registry.aclose()  # idempotent: the supervisor may have closed it
     assert_all_returned(supervisor)
 
 
-def llm(provider: FakeChatServer, **fields: Any) -> dict[str, Any]:
-    return {"kind": "llm", "model": "test-model", "base_url": provider.url, **fields}
+def llm(**fields: Any) -> dict[str, Any]:
+    return {"kind": "llm", "model": "test-model", **fields}
 
 
 async def run_to_end(sup: RunSupervisor, agent: dict[str, Any], message: str) -> tuple[Any, Any]:
@@ -75,7 +90,7 @@ async def test_llm_tool_call_then_answer_sends_exact_requests(
         ),
         text_reply("Created a.txt."),
     )
-    conversation_id, run = await run_to_end(sup, llm(provider), "Create a.txt")
+    conversation_id, run = await run_to_end(sup, llm(), "Create a.txt")
     assert (run.status, run.reason, run.steps) == (Status.FINISHED, "agent_finished", 2)
     first, second = (request.body for request in provider.requests)
     assert [tool["function"]["name"] for tool in first["tools"]] == [
@@ -105,7 +120,7 @@ async def test_llm_tool_call_then_answer_sends_exact_requests(
         {"role": "tool", "tool_call_id": "call_0", "content": observation.content},  # type: ignore[union-attr]
     ]
     conversation = await sup.io(sup.store.get_conversation, conversation_id)
-    workspace = sup.settings.workspaces_path / conversation.workspace
+    workspace = workspace_path(sup.settings.workspaces_path, conversation)
     assert (workspace / "a.txt").read_text() == "hi"
     assert (conversation.usage.prompt_tokens, conversation.usage.completion_tokens) == (20, 10)
     assert [e.kind for e in await events(sup, conversation_id)] == [
@@ -130,7 +145,7 @@ async def test_llm_parallel_calls_answer_in_call_order(
         for i in range(3)
     ]
     provider.add(tool_call_reply(creates), text_reply("done"))
-    conversation_id, run = await run_to_end(sup, llm(provider), "go")
+    conversation_id, run = await run_to_end(sup, llm(), "go")
     assert run.status is Status.FINISHED
     observed = [e.payload for e in await events(sup, conversation_id, "observation")]
     assert [p.call_id for p in observed] == ["call_0", "call_1", "call_2"]  # type: ignore[union-attr]
@@ -151,7 +166,7 @@ async def test_llm_retries_then_succeeds_or_gives_up(
 ) -> None:
     """429/5xx are retried max_retries (2) times; then the run ends error with the cause."""
     provider.add(*failures, text_reply("fine"))
-    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    conversation_id, run = await run_to_end(sup, llm(), "hello")
     assert run.status is status
     assert len(provider.requests) == 3
     if status is Status.ERROR:
@@ -164,7 +179,7 @@ async def test_llm_client_errors_are_not_retried(
 ) -> None:
     """A 400 from the provider ends the run at once, without a retry."""
     provider.add(error_reply(400, "bad model"))
-    _, run = await run_to_end(sup, llm(provider), "hello")
+    _, run = await run_to_end(sup, llm(), "hello")
     assert (run.status, len(provider.requests)) == (Status.ERROR, 1)
     assert run.error is not None and "400" in run.error and "bad model" in run.error
 
@@ -182,7 +197,7 @@ async def test_llm_malformed_tool_calls_become_observations(
 ) -> None:
     """A malformed call is an error observation to the model; the run carries on."""
     provider.add(tool_call_reply([call]), text_reply("sorry"))
-    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    conversation_id, run = await run_to_end(sup, llm(), "hello")
     assert run.status is Status.FINISHED
     observation = (await events(sup, conversation_id, "observation"))[0].payload
     assert observation.is_error and expected in observation.content  # type: ignore[union-attr]
@@ -194,7 +209,7 @@ async def test_llm_finish_tool_ends_the_run_with_its_message(
 ) -> None:
     """A finish call ends the run finished; its message is the agent's last message."""
     provider.add(tool_call_reply([("finish", {"message": "All done."})]))
-    conversation_id, run = await run_to_end(sup, llm(provider), "hello")
+    conversation_id, run = await run_to_end(sup, llm(), "hello")
     assert run.status is Status.FINISHED
     assert (await events(sup, conversation_id, "message"))[-1].payload.text == "All done."  # type: ignore[union-attr]
 
@@ -204,7 +219,7 @@ async def test_llm_interrupt_cancels_the_request_in_flight(
 ) -> None:
     """Interrupt during a 60 s provider response stops the run within the request's wait."""
     provider.add(text_reply("too late", delay_seconds=60))
-    conversation = await new_conversation(sup, llm(provider), initial_message="hello")
+    conversation = await new_conversation(sup, llm(), initial_message="hello")
     await sup.start_run(conversation.id)
     with trio.fail_after(10):
         while not provider.requests:  # the request has reached the provider
@@ -227,7 +242,7 @@ async def test_llm_api_key_is_sent_but_never_stored(
     """The key reaches the provider as a bearer token and appears in no stored byte, even
     when the model asks a command to print the server's environment."""
     provider.add(tool_call_reply([("terminal", {"command": "env"})]), text_reply("ok"))
-    await run_to_end(sup, llm(provider), "hello")
+    await run_to_end(sup, llm(), "hello")
     assert provider.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
     assert API_KEY.encode() not in stored_bytes(Path(settings.data_dir))
 
@@ -242,12 +257,16 @@ def closed_port() -> int:
     return port
 
 
-async def test_llm_connection_errors_are_retried_then_reported(sup: RunSupervisor) -> None:
+async def test_llm_connection_errors_are_retried_then_reported(
+    settings: Settings, store: SqliteStore
+) -> None:
     """An unreachable provider is retried max_retries times, then the run says so."""
-    agent = {"kind": "llm", "model": "m", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
-    conversation_id, run = await run_to_end(sup, agent, "hello")
+    unreachable = f"http://127.0.0.1:{closed_port()}/v1"
+    fast = with_llm(settings, unreachable, max_retries=2, backoff_base_seconds=0.01)
+    async with open_run_supervisor(fast, store) as sup:
+        conversation_id, run = await run_to_end(sup, llm(), "hello")
+        error = (await events(sup, conversation_id, "error"))[0].payload
     assert run.status is Status.ERROR
-    error = (await events(sup, conversation_id, "error"))[0].payload
     assert "cannot reach" in error.message  # type: ignore[union-attr]
 
 
@@ -256,7 +275,7 @@ async def test_llm_malformed_completion_ends_the_run_clearly(
 ) -> None:
     """A 200 answer without choices ends the run error with a message saying so."""
     provider.add(ScriptedReply(200, {"unexpected": True}))
-    _, run = await run_to_end(sup, llm(provider), "hello")
+    _, run = await run_to_end(sup, llm(), "hello")
     assert run.status is Status.ERROR
     assert run.error is not None and "no usable choice" in run.error
 
@@ -264,7 +283,7 @@ async def test_llm_malformed_completion_ends_the_run_clearly(
 async def test_llm_honours_retry_after(sup: RunSupervisor, provider: FakeChatServer) -> None:
     """A 429 with Retry-After: 0.3 delays the retry at least that long (backoff is 0.01 s)."""
     provider.add(error_reply(429, retry_after=0.3), text_reply("fine"))
-    _, run = await run_to_end(sup, llm(provider), "hello")
+    _, run = await run_to_end(sup, llm(), "hello")
     assert run.status is Status.FINISHED
     first, second = provider.requests
     assert second.received_at - first.received_at >= 0.3
@@ -274,7 +293,11 @@ async def test_llm_parallel_calls_with_one_slot_and_two_tool_threads_all_finish(
     settings: Settings, store: SqliteStore, provider: FakeChatServer
 ) -> None:
     """max_concurrent_runs=1, tool_threads=2: runs each given 3 parallel calls all finish."""
-    limits = {"max_concurrent_runs": 1, "tool_threads": 2, "llm": LLMSettings(max_retries=0)}
+    limits = {
+        "max_concurrent_runs": 1,
+        "tool_threads": 2,
+        "llm": LLMSettings(base_url=provider.url, max_retries=0),
+    }
     calls = [("terminal", {"command": f"echo {n}"}) for n in range(3)]
     for _ in range(3):  # one slot: the runs take their replies one after another
         provider.add(tool_call_reply(calls), text_reply("done"))
@@ -282,7 +305,7 @@ async def test_llm_parallel_calls_with_one_slot_and_two_tool_threads_all_finish(
         with trio.fail_after(20):
             started = []
             for _ in range(3):
-                conversation = await new_conversation(sup, llm(provider), initial_message="go")
+                conversation = await new_conversation(sup, llm(), initial_message="go")
                 started.append((conversation.id, (await sup.start_run(conversation.id)).id))
             for conversation_id, run_id in started:
                 ended = await sup.wait_run(conversation_id, run_id, 15)
@@ -297,9 +320,9 @@ async def test_llm_resumes_after_an_interrupted_tool_call_with_a_valid_history(
 ) -> None:
     """A call cut short by interrupt still gets a tool message in the next request."""
     provider.add(tool_call_reply([("terminal", {"command": "touch started; sleep 300"})]))
-    conversation = await new_conversation(sup, llm(provider), initial_message="go")
+    conversation = await new_conversation(sup, llm(), initial_message="go")
     await sup.start_run(conversation.id)
-    marker = sup.settings.workspaces_path / conversation.workspace / "started"
+    marker = workspace_path(sup.settings.workspaces_path, conversation) / "started"
     with trio.fail_after(15):
         while not await trio.to_thread.run_sync(marker.exists):
             await trio.sleep(0.01)  # poll interval: the command has started
@@ -319,8 +342,8 @@ async def test_llm_runs_of_a_supervisor_share_one_connection(
 ) -> None:
     """Every request of two runs, one after the other, comes over the same TCP connection."""
     provider.add(tool_call_reply([("finish", {"message": "a"})]), text_reply("b"))
-    await run_to_end(sup, llm(provider), "first")
-    await run_to_end(sup, llm(provider), "second")
+    await run_to_end(sup, llm(), "first")
+    await run_to_end(sup, llm(), "second")
     ports = {request.client_port for request in provider.requests}
     assert (len(provider.requests), len(ports)) == (2, 1)
 
@@ -330,10 +353,11 @@ async def test_llm_step_deadline_ends_the_run_with_a_clear_error(
 ) -> None:
     """A provider that never answers ends the run error once llm.step_timeout_seconds
     (0.3 s) has passed, with a message naming that setting."""
-    llm_settings = LLMSettings(step_timeout_seconds=0.3)
     provider.add(text_reply("too late", delay_seconds=60))
-    async with open_run_supervisor(settings.model_copy(update={"llm": llm_settings}), store) as sup:
-        _, run = await run_to_end(sup, llm(provider), "hello")
+    async with open_run_supervisor(
+        with_llm(settings, provider.url, step_timeout_seconds=0.3), store
+    ) as sup:
+        _, run = await run_to_end(sup, llm(), "hello")
     await sup.registry.aclose()
     assert (run.status, run.reason) == (Status.ERROR, "agent_error")
     assert "within llm.step_timeout_seconds (0.3 s)" in run.error
@@ -356,7 +380,7 @@ async def test_llm_provider_error_bodies_of_any_shape_give_a_clear_run_error(
     """A 400 whose body is any JSON value ends the run error with the status and the
     provider's message (or its raw body), not a crash of the error handling."""
     provider.add(ScriptedReply(400, body))
-    _, run = await run_to_end(sup, llm(provider), "hello")
+    _, run = await run_to_end(sup, llm(), "hello")
     assert run.status is Status.ERROR
     assert run.error == f"the model provider answered 400: {detail} (after 1 attempt(s))"
 
@@ -379,7 +403,7 @@ async def test_llm_each_step_reads_only_the_events_it_has_not_seen(
         tool_call_reply([("terminal", {"command": "echo 2"})]),
         text_reply("done"),
     )
-    await run_to_end(sup, llm(provider), "count")
+    await run_to_end(sup, llm(), "count")
     first, second, third = queried[:3]
     assert first == 0 < second < third
     assert [len(request.body["messages"]) for request in provider.requests] == [2, 4, 6]

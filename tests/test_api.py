@@ -288,14 +288,19 @@ async def test_events_search_rejects_bad_queries(api: Api, query: str) -> None:
     assert body["error"]["detail"][0]["loc"][:2] == ["query", query.split("=")[0]]
 
 
+def raw_json(data: bytes) -> dict[str, Any]:
+    """Test-client arguments sending ``data`` as a JSON body."""
+    return {"data": data, "headers": {"Content-Type": "application/json"}}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "code"),
     [
         pytest.param(
-            "post", "/api/conversations", {"data": b"{nope"}, 400, "bad_request", id="bad-json"
+            "post", "/api/conversations", raw_json(b"{nope"), 400, "bad_request", id="bad-json"
         ),
         pytest.param(
-            "post", "/api/conversations", {"data": b"[1]"}, 400, "bad_request", id="not-object"
+            "post", "/api/conversations", raw_json(b"[1]"), 400, "bad_request", id="not-object"
         ),
         pytest.param("post", "/api/conversations", {"data": b""}, 400, "bad_request", id="empty"),
         pytest.param(
@@ -336,7 +341,7 @@ async def test_events_search_rejects_bad_queries(api: Api, query: str) -> None:
         pytest.param(
             "post",
             "/api/conversations",
-            {"data": b"{" + b" " * 2_000_000 + b"}"},
+            raw_json(b"{" + b" " * 2_000_000 + b"}"),
             413,
             "payload_too_large",
             id="too-large",
@@ -395,7 +400,8 @@ async def test_health_ready_and_draining(api: Api, gates: Gates) -> None:
     conversation = await api.create(gated("a"), run=True)
     await gates["a"].wait_entered()
     assert await api.call("get", "/health") == (200, {"status": "ok"})
-    assert await api.call("get", "/ready") == (200, {"status": "ready"})
+    status, ready = await api.call("get", "/ready")
+    assert (status, ready["status"], ready["sandbox"] in ("bwrap", "none")) == (200, "ready", True)
     with trio.fail_after(5):
         await api.supervisor.drain("shutdown")
     assert_error(*await api.call("get", "/ready"), 503, "shutting_down")

@@ -50,12 +50,13 @@ def test_llm_run_resumes_after_sigkill_mid_tool_batch(
             [("terminal", {"command": "echo quick"}), ("terminal", {"command": BLOCKING_COMMAND})]
         )
     )
-    agent = {"kind": "llm", "model": "m", "base_url": provider.url}
-    servers.append(server := Server(tmp_path))
+    agent = {"kind": "llm", "model": "m"}
+    provider_flags = ("--llm-base-url", provider.url, "--sandbox", "none")  # $$: a host pid
+    servers.append(server := Server(tmp_path, *provider_flags))
     conversation = server.json(
         "POST", "/api/conversations", json={"agent": agent, "run": True, "initial_message": "go"}
     )
-    pgid = int(wait_for_file(tmp_path / "workspaces" / conversation["workspace"] / "pid"))
+    pgid = int(wait_for_file(tmp_path / "workspaces" / "by-id" / conversation["id"] / "pid"))
     try:
         assert server.stop(signal.SIGKILL)[0] == -signal.SIGKILL
     finally:
@@ -63,7 +64,7 @@ def test_llm_run_resumes_after_sigkill_mid_tool_batch(
             os.killpg(pgid, signal.SIGKILL)  # the orphaned command: nobody else will
 
     provider.add(text_reply("resumed"))
-    servers.append(restarted := Server(tmp_path))
+    servers.append(restarted := Server(tmp_path, *provider_flags))
     path = f"/api/conversations/{conversation['id']}/runs"
     run = restarted.json("POST", path)
     ended = restarted.json("GET", f"{path}/{run['id']}/wait", params={"timeout": 15})

@@ -34,16 +34,15 @@ def fake() -> Iterator[FakeChatServer]:
 
 
 @pytest.fixture
-async def client(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ProviderClient]:
-    monkeypatch.setenv("TRELLIS_TEST_KEY", API_KEY)
-    settings = LLMSettings(api_key_env="TRELLIS_TEST_KEY", max_retries=2, backoff_base_seconds=0.01)
-    provider = ProviderClient(settings)
+async def client(fake: FakeChatServer) -> AsyncIterator[ProviderClient]:
+    settings = LLMSettings(base_url=fake.url, max_retries=2, backoff_base_seconds=0.01)
+    provider = ProviderClient(settings, api_key=API_KEY)
     yield provider
     await provider.aclose()
 
 
 def with_settings(client: ProviderClient, **fields: Any) -> ProviderClient:
-    return ProviderClient(client.settings.model_copy(update=fields))
+    return ProviderClient(client.settings.model_copy(update=fields), api_key=API_KEY)
 
 
 class ObservedTransport(httpx.AsyncBaseTransport):
@@ -84,13 +83,13 @@ async def test_provider_builds_its_tls_context_in_its_own_worker_thread(
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.complete, fake.url, BODY, "TRELLIS_TEST_KEY")
+                nursery.start_soon(client.complete, BODY)
                 assert await trio.to_thread.run_sync(entered.wait, 5, limiter=waiter)
                 default = trio.to_thread.current_default_thread_limiter()
                 assert default.statistics().borrowed_tokens == 0
                 assert client._build_threads.statistics().borrowed_tokens == 1
                 release.set()
-            await client.complete(fake.url, BODY, "TRELLIS_TEST_KEY")
+            await client.complete(BODY)
     finally:
         release.set()
     assert len(built_in) == 1 and built_in[0] != threading.get_ident()
@@ -101,11 +100,11 @@ async def test_provider_aclose_closes_its_client_once_and_is_idempotent(
 ) -> None:
     """Requests share one client over the given transport; aclose closes it, twice is fine."""
     transport = ObservedTransport()
-    client = ProviderClient(LLMSettings(max_retries=0), transport=transport)
+    client = ProviderClient(LLMSettings(base_url=fake.url, max_retries=0), transport=transport)
     fake.add(text_reply("one"), text_reply("two"))
     with trio.fail_after(10):
         for _ in range(2):
-            await client.complete(fake.url, BODY, "UNSET_KEY_VARIABLE")
+            await client.complete(BODY)
         assert (client.statistics().client_open, transport.requests) == (True, 2)
         await client.aclose()
         await client.aclose()
@@ -142,7 +141,7 @@ async def test_provider_honours_retry_after_as_an_http_date(
     when = now.replace(microsecond=0) + timedelta(seconds=2)  # 1 to 2 s from now
     fake.add(error_reply(429, retry_after=format_datetime(when, usegmt=True)), text_reply("ok"))
     with trio.fail_after(10):
-        await client.complete(fake.url, BODY, "TRELLIS_TEST_KEY")
+        await client.complete(BODY)
     first, second = fake.requests
     assert second.received_at - first.received_at >= 0.9
 
@@ -163,7 +162,7 @@ async def test_provider_step_deadline_covers_every_attempt(
     fake.add(*replies)
     started = time.monotonic()
     with trio.fail_after(10), pytest.raises(ProviderError) as raised:
-        await slow.complete(fake.url, BODY, "TRELLIS_TEST_KEY")
+        await slow.complete(BODY)
     await slow.aclose()
     assert time.monotonic() - started < 2
     message = str(raised.value)
@@ -180,7 +179,7 @@ async def test_provider_logs_one_line_per_retry_without_key_or_body(
         error_reply(429, "secret-body-text", retry_after=0), error_reply(503), text_reply("ok")
     )
     with trio.fail_after(10):
-        await client.complete(fake.url, BODY, "TRELLIS_TEST_KEY")
+        await client.complete(BODY)
     lines = [r.getMessage() for r in caplog.records if r.name == "trellis.llm"]
     assert lines[0] == "llm request attempt 1 of 3 failed (status 429); retrying in 0.00 s"
     assert lines[1].startswith("llm request attempt 2 of 3 failed (status 503); retrying in ")
@@ -194,7 +193,9 @@ async def test_provider_logs_transport_errors_by_class(
 ) -> None:
     """An unreachable provider's retries are logged with the error's class name."""
     caplog.set_level(logging.DEBUG, logger="trellis.llm")
+    unreachable = with_settings(client, base_url=f"http://127.0.0.1:{closed_port()}/v1")
     with trio.fail_after(10), pytest.raises(ProviderError, match="cannot reach"):
-        await client.complete(f"http://127.0.0.1:{closed_port()}/v1", BODY, "TRELLIS_TEST_KEY")
+        await unreachable.complete(BODY)
+    await unreachable.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "trellis.llm"]
     assert [line.split(" failed ")[1].split(";")[0] for line in lines] == ["(ConnectError)"] * 2

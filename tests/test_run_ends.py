@@ -369,7 +369,7 @@ async def test_delete_keeps_a_workspace_another_active_run_uses(
         other = await new_conversation(supervisor, gated("w"), workspace="shared")
         await supervisor.start_run(other.id)
         await gates["w"].wait_entered()
-        marker = settings.workspaces_path / "shared" / "keep.txt"
+        marker = settings.workspaces_path / "named" / "shared" / "keep.txt"
         marker.write_text("still here")
         with pytest.raises(Conflict) as refused:
             await supervisor.delete_conversation(owner.id, delete_workspace=True)

@@ -16,6 +16,7 @@ from app.lifecycle import Status
 from app.settings import Settings
 from app.store import EventQuery, SqliteStore
 from app.supervisor import RunSupervisor, open_run_supervisor
+from app.workspaces import workspace_path
 from tests.conftest import assert_all_returned, new_conversation, script
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,7 +50,7 @@ async def events(sup: RunSupervisor, conversation_id: str, kind: str) -> list[Ev
 
 
 def workspace(sup: RunSupervisor, conversation_id: str) -> Path:
-    return sup.settings.workspaces_path / sup.store.get_conversation(conversation_id).workspace
+    return workspace_path(sup.settings.workspaces_path, sup.store.get_conversation(conversation_id))
 
 
 async def test_script_tool_step_records_action_and_observation(
@@ -122,7 +123,8 @@ async def test_interrupt_mid_batch_kills_commands_and_skips_pending(
     """Interrupt during a batch of 3 calls on 2 tool tokens: the 2 running commands die, the
     pending call never starts (which 2 start first is up to the scheduler), and every call
     is answered by a "stopped" observation."""
-    async with supervised(settings, store, tool_threads=2) as sup:
+    # sandbox none: the shells' $$ must be host pids (bwrap: tests/security/test_sandbox_*).
+    async with supervised(settings, store, tool_threads=2, sandbox="none") as sup:
         calls = [terminal(f"echo $$ > tmp.{n} && mv tmp.{n} pid.{n}; sleep 300") for n in range(3)]
         conversation = await new_conversation(sup, script(calls))
         await sup.start_run(conversation.id)
@@ -164,7 +166,7 @@ async def test_named_workspace_is_shared_and_deleted_on_request(
             observation = (await events(sup, second, "observation"))[0].payload
             assert "shared" in observation.content  # type: ignore[union-attr]
             path = workspace(sup, first)
-            assert path == sup.settings.workspaces_path / "proj"
+            assert path == sup.settings.workspaces_path / "named" / "proj"
             await sup.delete_conversation(first)
             assert path.exists()
             await sup.delete_conversation(second, delete_workspace=True)

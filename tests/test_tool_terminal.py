@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from app.tools import terminal
+from app.tools import sandbox
 from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolCall, default_tools, execute_one
 from app.tools.terminal import KILL_GRACE_SECONDS, TerminalArguments, TerminalTool, run_command
@@ -26,8 +26,11 @@ RECORD_PIDS_AND_BLOCK = (
 
 
 def make_env(tmp_path: Path, **limits: Any) -> ToolEnvironment:
+    """Unconfined (``sandbox="none"``): these tests follow the command's pids from outside,
+    which a PID namespace would renumber; tests/security/test_sandbox_*.py cover bwrap."""
     workspace = tmp_path / "workspace"
     workspace.mkdir()
+    limits.setdefault("sandbox", "none")
     return ToolEnvironment(workspace=workspace, tool_limiter=trio.CapacityLimiter(2), **limits)
 
 
@@ -248,17 +251,17 @@ async def test_terminal_call_holds_one_tool_token(tmp_path: Path) -> None:
 async def test_terminal_scans_proc_in_worker_threads_of_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Killing a process group reads /proc in worker threads — never on the Trio thread (a
-    full scan takes milliseconds), never on Trio's default limiter."""
+    """Killing a command's processes reads /proc in worker threads — never on the Trio
+    thread (a full scan takes milliseconds), never on Trio's default limiter."""
     scans: list[tuple[int, int]] = []  # (thread, tokens borrowed from the default limiter)
     default = trio.to_thread.current_default_thread_limiter()
-    real = terminal._live_members
+    real = sandbox.CommandProcesses._scan
 
-    def spy(pgid: int, pids: list[int] | None) -> list[int]:
+    def spy(self: sandbox.CommandProcesses) -> list[tuple[int, bool]]:
         scans.append((threading.get_ident(), default.borrowed_tokens))
-        return real(pgid, pids)
+        return real(self)
 
-    monkeypatch.setattr(terminal, "_live_members", spy)
+    monkeypatch.setattr(sandbox.CommandProcesses, "_scan", spy)
     with trio.fail_after(10):
         result = await run_command(args("sleep 300", timeout=0.2), make_env(tmp_path))
     assert result.data["timed_out"]

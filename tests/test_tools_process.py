@@ -23,10 +23,12 @@ def test_sigterm_kills_the_command_its_child_and_its_grandchild(
 ) -> None:
     """SIGTERM mid tool call: the shell, its foreground child and its background grandchild
     (pids the command wrote itself, all alive and in one group before) are dead after."""
-    servers.append(server := Server(tmp_path))
+    # Unconfined: the test follows host pids, which a PID namespace would renumber (the
+    # bwrap case: tests/security/test_sandbox_processes.py).
+    servers.append(server := Server(tmp_path, "--sandbox", "none"))
     agent = script({"tool": "terminal", "args": {"command": RECORD_PIDS_AND_BLOCK}})
     conversation = server.json("POST", "/api/conversations", json={"agent": agent, "run": True})
-    pid_file = tmp_path / "workspaces" / conversation["workspace"] / "pids"
+    pid_file = tmp_path / "workspaces" / "by-id" / conversation["id"] / "pids"
     deadline = time.monotonic() + 10
     while not (pids := read_pids(pid_file)):
         assert time.monotonic() < deadline, "the command did not start"

@@ -2,10 +2,14 @@
 
 ::
 
-    {"kind": "llm", "model": "...", "base_url": "http://127.0.0.1:8080/v1",
-     "api_key_env": "OPENAI_API_KEY", "system_prompt": "...",
+    {"kind": "llm", "provider": "default", "model": "...", "system_prompt": "...",
      "tools": ["terminal", "file_editor", "finish"], "temperature": 0.0,
      "max_parallel_tools": 4}
+
+A spec picks one of the operator's providers by name (:mod:`app.agents.providers`) and may
+choose the model, the prompt and the sampling; it never names a URL or an environment
+variable. A spec that still carries ``base_url`` or ``api_key_env`` is refused (422) with
+the setting to use instead, and so is an unknown provider.
 
 One step is one Chat Completions request, then the tool calls it returned (in parallel, on
 the tool limiter, results in call order). A reply without tool calls, or a ``finish`` call,
@@ -16,15 +20,15 @@ a :class:`~app.agents.llm_messages.ChatHistory` and asks the run only for the ev
 the last one it has seen, so a step costs the new events, not the whole conversation.
 
 Cancellation:
-    The HTTP request is made on the Trio side (``ctx.call_async``) through the supervisor's
-    :class:`~app.agents.provider.ProviderClient`, so an interrupt cancels it at once —
+    The HTTP request is made on the Trio side (``ctx.call_async``) through the chosen
+    provider's :class:`~app.agents.provider.ProviderClient`, so an interrupt cancels it at once —
     mid-request, mid-backoff — instead of waiting for the provider to answer.
 
 Errors:
-    :class:`~app.agents.provider.ProviderError` (the provider refused, kept failing, or gave
-    no answer within ``llm.step_timeout_seconds``) ends the run ``error`` with a message
-    saying so. The API key is read from the server's environment at request time and never
-    written anywhere.
+    :class:`~app.agents.provider.ProviderError` (the provider refused, kept failing, answered
+    too much, or gave no answer within ``llm.step_timeout_seconds``) ends the run ``error``
+    with a message saying so. The API key lives in the provider's client only; what the
+    provider sends back has it hidden before the agent sees it.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from app.agents.base import CONTINUE, StepContext, StepResult, finish
 from app.agents.llm_messages import ChatHistory
 from app.agents.provider import ProviderClient, ProviderError
+from app.agents.providers import PROVIDERS_CONTEXT, unknown_provider_message
 from app.events import LLMCallPayload, MessagePayload
 from app.tools.calls import ToolCall
 
@@ -46,37 +53,66 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+#: Spec fields that became the operator's settings, and the setting to use instead.
+OPERATOR_SETTINGS = {
+    "base_url": "[llm.providers.NAME] base_url",
+    "api_key_env": "[llm.providers.NAME] api_key_env",
+}
+
+
 class LLMSpec(BaseModel):
+    """An ``llm`` agent spec. Validated with the provider names in the context
+    (``PROVIDERS_CONTEXT``), an unknown ``provider`` is refused; without them it is
+    checked when the agent is built."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["llm"]
+    provider: str | None = Field(None, min_length=1, max_length=64)
     model: str | None = Field(None, min_length=1, max_length=200)
-    base_url: str | None = Field(None, pattern=r"^https?://", max_length=500)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=100)
+    # Never accepted: declared only so that a spec carrying them gets an error naming the
+    # setting that replaced them (hidden from the schema, never dumped).
+    base_url: SkipJsonSchema[Any] = Field(None, exclude=True)
+    api_key_env: SkipJsonSchema[Any] = Field(None, exclude=True)
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, max_length=100_000)
     tools: list[str] = Field(default_factory=lambda: ["terminal", "file_editor", "finish"])
     temperature: float = Field(0.0, ge=0, le=2)
     max_parallel_tools: int = Field(4, ge=1, le=64)
 
+    @field_validator("base_url", "api_key_env", mode="before")
+    @classmethod
+    def _operator_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        field = str(info.field_name)
+        message = (
+            f"{field} is no longer part of an agent spec: the operator sets it as"
+            f" {OPERATOR_SETTINGS[field]} in the server's settings, and a spec picks that"
+            ' provider with "provider": "NAME"'
+        )
+        raise PydanticCustomError("operator_setting", "{message}", {"message": message})
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, name: str | None, info: ValidationInfo) -> str | None:
+        names = (info.context or {}).get(PROVIDERS_CONTEXT)
+        if name is not None and names is not None and name not in names:
+            message = unknown_provider_message(name, names)
+            raise PydanticCustomError("unknown_provider", "{message}", {"message": message})
+        return name
+
 
 class LLMAgent:
-    """Drives one run: request, tool calls, repeat. The spec's fields win over the
-    provider's ``[llm]`` defaults."""
+    """Drives one run: request, tool calls, repeat, through the spec's provider. The
+    spec's ``model`` wins over the provider's."""
 
     def __init__(self, spec: LLMSpec, provider: ProviderClient) -> None:
-        defaults = provider.settings
         self.spec = spec
         self.provider = provider
-        self.model = spec.model or defaults.model
-        self.base_url = (spec.base_url or defaults.base_url).rstrip("/")
-        self.api_key_env = spec.api_key_env or defaults.api_key_env
+        self.model = spec.model or provider.settings.model
         self.history = ChatHistory(spec.system_prompt)
 
     def step(self, ctx: StepContext) -> StepResult:
         self.history.extend(ctx.history(after_seq=self.history.last_seq))
         started = time.monotonic()
-        response = ctx.call_async(
-            self.provider.complete, self.base_url, self._request_body(ctx), self.api_key_env
-        )
+        response = ctx.call_async(self.provider.complete, self._request_body(ctx))
         choice, message, usage = _parts(response)
         ctx.emit(
             LLMCallPayload(

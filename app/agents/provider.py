@@ -1,58 +1,76 @@
-"""The model provider's HTTP side: one client per supervisor, retries, one deadline per step.
+"""One model provider's HTTP side: its client, its key, retries, deadlines, size limits.
 
-:class:`ProviderClient` holds the ``[llm]`` settings and one :class:`httpx.AsyncClient`,
-shared by every ``llm`` run of a supervisor so that connections (and their TLS sessions) are
-reused from one request to the next instead of being opened for each. Think of it as the
-supervisor's phone line to the provider: every run dials through it, and it is hung up
-once, when the supervisor stops.
+A :class:`ProviderClient` is one provider the operator configured (``[llm]``, the
+``default`` one, or an ``[llm.providers.NAME]`` table): its settings, its API key (taken
+from the environment at start-up, see :mod:`app.agents.providers`) and one
+:class:`httpx.AsyncClient`, shared by every ``llm`` run that picks it, so that connections
+(and their TLS sessions) are reused. Think of it as a phone line to one provider with the
+provider's number and password written on it: runs choose which line to pick up, never
+which number it dials, and a line never dials anyone else (redirects are not followed).
 
-Ownership: :func:`~app.agents.registry.default_registry` creates it and registers
-:meth:`ProviderClient.aclose` as a closer of the registry; the supervisor that owns the
-registry closes it when its ``serve()`` ends. The httpx client itself is created lazily, on
-the Trio thread, by the first request — but *built* in a worker thread (on a limiter of its
-own, never Trio's default one), because loading the CA bundle for its TLS context takes
-~40 ms: longer than a whole request to a local model server, and a stall for every other
-task if done on the Trio thread. After :meth:`~ProviderClient.aclose` the next request
-builds a new client, so a registry may serve several supervisors one after the other.
+Ownership: :class:`~app.agents.providers.Providers` creates one per provider and closes them
+when the registry is closed (after every run returned). The httpx client is created lazily,
+on the Trio thread, by the first request — but *built* in a worker thread (on a limiter of
+its own, never Trio's default one), because loading the CA bundle for its TLS context takes
+~40 ms. After :meth:`~ProviderClient.aclose` the next request builds a new client.
 
-Retries: 429, 5xx and transport errors are retried at most ``llm.max_retries`` times with
-exponential backoff and full jitter; a ``Retry-After`` header (seconds or an HTTP date)
-wins. Each retry logs one line on the ``trellis.llm`` logger: the attempt, the status or
-error, the delay — never the API key, never a body.
+Limits — each a setting of the provider's table:
+
+* ``max_response_bytes``: the answer is read as a stream and reading stops past it, so a
+  provider answering 400 MB costs the server this much memory at most; the step fails.
+* ``request_timeout_seconds``: a *total* deadline per attempt — connecting, sending, and
+  reading the whole answer — so a provider dripping a byte a second cannot hold a step.
+* ``step_timeout_seconds``: every attempt and backoff of one step together.
+
+Retries: 429, 5xx, transport errors and attempts past their deadline are retried at most
+``max_retries`` times with exponential backoff and full jitter; a ``Retry-After`` header
+(seconds or an HTTP date) wins. Each retry logs one line on the ``trellis.llm`` logger: the
+attempt, the status or error, the delay — never the API key, never a body.
+
+Secrets: the key goes only into the ``Authorization`` header of requests to the provider's
+own URL. Whatever the provider sends back has the key's value (and the URL's password)
+replaced by ``***`` before it is parsed, so a provider echoing the key cannot put it into
+an event or a run's error; error messages show the URL with its password masked.
 
 Cancellation:
-    Every wait is a Trio checkpoint (the request, the backoff sleep), so cancelling the
-    caller — an interrupted run — stops at once. :meth:`~ProviderClient.aclose` is shielded.
+    Every wait is a Trio checkpoint (the request, the body's chunks, the backoff sleep), so
+    cancelling the caller — an interrupted run — stops at once. :meth:`~ProviderClient.aclose`
+    is shielded.
 
 Errors::
 
     Exception
     └── ProviderError    the provider refused (4xx), kept failing until the retries ran
-                         out, or gave no usable answer within llm.step_timeout_seconds
+                         out, answered more than max_response_bytes, or gave no usable
+                         answer within step_timeout_seconds
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import math
-import os
 import random
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
-from app.settings import LLMSettings
+from app.redact import mask_urls, redact_secrets
+from app.settings import DEFAULT_PROVIDER, ProviderSettings
 
 log = logging.getLogger("trellis.llm")
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: How much of a provider's error text ends up in a run's error message.
 _DETAIL_CHARS = 500
+#: How much of an error answer is read (its message is what matters; the rest is dropped).
+_ERROR_BODY_BYTES = 64 * 1024
 
 
 class ProviderError(Exception):
@@ -76,18 +94,42 @@ class _Tally:
     last_failure: str | None = None
 
 
-class ProviderClient:
-    """Chat Completions requests for every ``llm`` run of one supervisor, over one client.
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One attempt's outcome: a 200's (redacted) text, or a failure and whether to retry."""
 
-    ``transport`` is the test seam: given, the client sends through it (an
-    ``httpx.MockTransport``, or a real transport wrapped to observe it) and no TLS context
-    is built.
+    text: str = ""
+    failure: str | None = None
+    retry: bool = False
+    log_as: str = ""
+    retry_after: str | None = None
+
+
+class ProviderClient:
+    """Chat Completions requests to one provider, for every ``llm`` run that picks it.
+
+    ``api_key`` is the key itself (None: no ``Authorization`` header); the client never
+    reads the environment. ``transport`` is the test seam: given, the client sends through
+    it (an ``httpx.MockTransport``, or a real transport wrapped to observe it) and no TLS
+    context is built.
     """
 
     def __init__(
-        self, settings: LLMSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: ProviderSettings,
+        *,
+        name: str = DEFAULT_PROVIDER,
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self.name = name
         self.settings = settings
+        self._url = f"{settings.base_url.rstrip('/')}/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        #: What must never come back out: the key, and the password of the URL.
+        self._secrets = (api_key, urlsplit(settings.base_url).password)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._opening = trio.Lock()
@@ -99,39 +141,48 @@ class ProviderClient:
     def __repr__(self) -> str:
         stats = self.statistics()
         state = "open" if stats.client_open else "closed"
-        return f"<ProviderClient {state} | {stats.requests} requests, {stats.retries} retries>"
+        return (
+            f"<ProviderClient {self.name} {state} | {stats.requests} requests,"
+            f" {stats.retries} retries>"
+        )
 
     def statistics(self) -> ProviderStatistics:
         return ProviderStatistics(self._client is not None, self._requests, self._retries)
 
-    async def complete(
-        self, base_url: str, body: dict[str, Any], api_key_env: str
-    ) -> dict[str, Any]:
+    def setting(self, field: str) -> str:
+        """How messages name one of this provider's settings: ``llm.max_retries`` for the
+        default provider, ``llm.providers.NAME.max_retries`` for a named one."""
+        table = "llm" if self.name == DEFAULT_PROVIDER else f"llm.providers.{self.name}"
+        return f"{table}.{field}"
+
+    def redact(self, text: str) -> str:
+        """``text`` with this provider's secrets hidden and its URL's password masked."""
+        return mask_urls(redact_secrets(text, self._secrets))
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``{base_url}/chat/completions``; the parsed JSON answer.
 
-        The key is read from ``$api_key_env`` now, sent as a bearer token, and kept nowhere.
-        All attempts and backoffs together get ``llm.step_timeout_seconds``.
+        All attempts and backoffs together get ``step_timeout_seconds``; each attempt
+        ``request_timeout_seconds``, its whole answer included.
 
         Cancellation:
             Cancelling the caller cancels the request or the backoff in progress.
 
         Errors:
             :class:`ProviderError` for a 4xx (not retried), when the retries ran out, for
-            a 200 whose body is not JSON, and when the step's deadline passed.
+            a 200 whose body is not JSON or is larger than ``max_response_bytes`` (not
+            retried either: it would be as large again), and when the step's deadline passed.
         """
-        url = f"{base_url.rstrip('/')}/chat/completions"
-        headers = {"Content-Type": "application/json"}
-        if api_key := os.environ.get(api_key_env):
-            headers["Authorization"] = f"Bearer {api_key}"
         tally = _Tally()
         with trio.move_on_after(self.settings.step_timeout_seconds):
             client = await self._open()
-            return await self._post_with_retries(client, url, body, headers, tally)
+            return await self._post_with_retries(client, body, tally)
         seconds = self.settings.step_timeout_seconds
         raise ProviderError(
-            f"the model provider gave no usable answer within llm.step_timeout_seconds "
-            f"({seconds:g} s) after {tally.attempts} attempt(s); "
-            f"{tally.last_failure or 'the last request was still waiting for its answer'}"
+            f"the model provider gave no usable answer within"
+            f" {self.setting('step_timeout_seconds')} ({seconds:g} s) after"
+            f" {tally.attempts} attempt(s);"
+            f" {tally.last_failure or 'the last request was still waiting for its answer'}"
         )
 
     async def aclose(self) -> None:
@@ -156,52 +207,83 @@ class ProviderClient:
             return self._client
 
     def _build_client(self) -> httpx.AsyncClient:
-        """Worker thread: the client, with its TLS context (the slow part) built here."""
+        """Worker thread: the client, with its TLS context (the slow part) built here.
+        Redirects are never followed: the key goes to the configured URL and nowhere else."""
         timeout = httpx.Timeout(
             self.settings.request_timeout_seconds, connect=self.settings.connect_timeout_seconds
         )
         if self._transport is not None:
-            return httpx.AsyncClient(timeout=timeout, transport=self._transport)
-        return httpx.AsyncClient(timeout=timeout, verify=_tls_context())
+            return httpx.AsyncClient(
+                timeout=timeout, transport=self._transport, follow_redirects=False
+            )
+        return httpx.AsyncClient(timeout=timeout, verify=_tls_context(), follow_redirects=False)
 
     async def _post_with_retries(
-        self,
-        client: httpx.AsyncClient,
-        url: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        tally: _Tally,
+        self, client: httpx.AsyncClient, body: dict[str, Any], tally: _Tally
     ) -> dict[str, Any]:
         total = self.settings.max_retries + 1
         for attempt in range(1, total + 1):
             tally.attempts = attempt
             self._requests += 1
-            try:
-                response = await client.post(url, json=body, headers=headers)
-            except httpx.TransportError as exc:
-                tally.last_failure = f"cannot reach the model provider at {url}: {exc!r}"
-                failure, retry_after = type(exc).__name__, None
-            else:
-                if response.status_code == 200:
-                    return _json_object(response)
-                tally.last_failure = _describe_status(response)
-                if response.status_code not in RETRIED_STATUSES:
-                    break
-                failure = f"status {response.status_code}"
-                retry_after = response.headers.get("Retry-After")
-            if attempt == total:
+            outcome = await self._attempt(client, body)
+            if outcome.failure is None:
+                return _json_object(outcome.text)
+            tally.last_failure = outcome.failure
+            if not outcome.retry or attempt == total:
                 break
-            delay = self._backoff(attempt - 1, retry_after)
+            delay = self._backoff(attempt - 1, outcome.retry_after)
             log.warning(
                 "llm request attempt %d of %d failed (%s); retrying in %.2f s",
                 attempt,
                 total,
-                failure,
+                outcome.log_as,
                 delay,
             )
             self._retries += 1
             await trio.sleep(delay)
         raise ProviderError(f"{tally.last_failure} (after {tally.attempts} attempt(s))")
+
+    async def _attempt(self, client: httpx.AsyncClient, body: dict[str, Any]) -> _Attempt:
+        """One request, its whole answer read within ``request_timeout_seconds``."""
+        seconds = self.settings.request_timeout_seconds
+        with trio.move_on_after(seconds):
+            try:
+                async with client.stream(
+                    "POST", self._url, json=body, headers=self._headers
+                ) as response:
+                    return await self._read(response)
+            except httpx.RequestError as exc:
+                failure = f"cannot reach the model provider at {self._url}: {exc!r}"
+                return _Attempt(failure=self.redact(failure), retry=True, log_as=type(exc).__name__)
+        return _Attempt(
+            failure=f"the model provider sent no complete answer within"
+            f" {self.setting('request_timeout_seconds')} ({seconds:g} s)",
+            retry=True,
+            log_as="request timeout",
+        )
+
+    async def _read(self, response: httpx.Response) -> _Attempt:
+        """The answer's body, read as a stream up to its limit, secrets hidden.
+
+        Errors: :class:`ProviderError` for a 200 larger than ``max_response_bytes``.
+        """
+        status = response.status_code
+        limit = self.settings.max_response_bytes if status == 200 else _ERROR_BODY_BYTES
+        raw, complete = await _read_at_most(response, limit)
+        text = self.redact(raw.decode("utf-8", errors="replace"))
+        if status == 200 and not complete:
+            raise ProviderError(
+                f"the model provider's answer is larger than {self.setting('max_response_bytes')}"
+                f" ({limit} bytes); it was not read further"
+            )
+        if status == 200:
+            return _Attempt(text=text)
+        return _Attempt(
+            failure=_describe_status(status, text),
+            retry=status in RETRIED_STATUSES,
+            log_as=f"status {status}",
+            retry_after=response.headers.get("Retry-After"),
+        )
 
     def _backoff(self, retry: int, retry_after: str | None) -> float:
         """Seconds before the next attempt: ``Retry-After`` if it parses, else exponential
@@ -229,29 +311,50 @@ def retry_after_seconds(value: str, now: datetime | None = None) -> float | None
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
+async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the (decoded) body, and whether that was all of it. Stops
+    reading at the first chunk past the limit: memory stays bounded by ``limit`` plus one
+    network read, whatever the provider sends or declares.
+
+    Cancellation:
+        Reading stops by cancelling a scope of its own, not by leaving the loop: the
+        ``Cancelled`` then rises from the socket read *inside* httpcore's chain of body
+        generators, which closes each of them (and the connection) at once. Leaving the loop
+        would abandon them half-consumed, to be finalized whenever the garbage collector
+        gets to them.
+    """
+    body = bytearray()
+    with trio.CancelScope() as reading:
+        async for chunk in response.aiter_bytes():
+            body += chunk[: limit + 1 - len(body)]  # one byte past the limit says "more"
+            if len(body) > limit:
+                reading.cancel()
+    return bytes(body[:limit]), len(body) <= limit
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = json.loads(text)
+    except ValueError:
+        raise ProviderError(
+            f"the model provider answered 200 with a body that is not JSON: {text[:300]}"
+        ) from None
+    return result
+
+
 def _tls_context() -> ssl.SSLContext:
     """A verifying TLS context with the system's CA bundle (the ~40 ms part)."""
     return ssl.create_default_context()
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        result: dict[str, Any] = response.json()
-    except ValueError:
-        raise ProviderError(
-            f"the model provider answered 200 with a body that is not JSON: {response.text[:300]}"
-        ) from None
-    return result
-
-
-def _describe_status(response: httpx.Response) -> str:
+def _describe_status(status: int, text: str) -> str:
     """``the model provider answered 400: <its message>``, whatever the body's shape."""
     try:
-        detail = _message_in(response.json()) or response.text
+        detail = _message_in(json.loads(text)) or text
     except ValueError:
-        detail = response.text
+        detail = text
     shown = detail[:_DETAIL_CHARS] if detail.strip() else "(empty body)"
-    return f"the model provider answered {response.status_code}: {shown}"
+    return f"the model provider answered {status}: {shown}"
 
 
 def _message_in(body: Any) -> str | None:

@@ -1,15 +1,17 @@
 """The registry of agent kinds: ``agent.kind`` in a request picks one.
 
 A kind is a pydantic model for its spec (with a ``kind: Literal[...]`` field) and a factory
-that builds an :class:`~app.agents.base.Agent` from a validated spec. Embedders register
-their own kinds on a registry and hand it to the supervisor::
+that builds an :class:`~app.agents.base.Agent` from a validated spec; optionally a
+validation *context* its model's validators read (the ``llm`` kind passes the names of the
+operator's providers, so an unknown one is refused before anything is stored). Embedders
+register their own kinds on a registry and hand it to the supervisor::
 
     registry = default_registry()
     registry.register("echo", EchoSpec, EchoAgent)
     async with open_run_supervisor(settings, store, registry=registry) as supervisor: ...
 
 Ownership: a kind may share a resource among its runs (the ``llm`` kind shares one HTTP
-client). Its closer is registered with :meth:`AgentRegistry.add_closer`; the supervisor
+client per provider). Its closer is registered with :meth:`AgentRegistry.add_closer`; the supervisor
 that owns the registry awaits :meth:`AgentRegistry.aclose` when its ``serve()`` ends, after
 every run has returned.
 """
@@ -38,6 +40,7 @@ log = logging.getLogger("trellis.agents")
 class AgentKind:
     spec_model: type[BaseModel]
     factory: Callable[[Any], Agent]
+    context: Mapping[str, Any] | None = None  # pydantic's validation context for the spec
 
 
 class AgentRegistry:
@@ -55,12 +58,20 @@ class AgentRegistry:
         return sorted(self._kinds)
 
     def register(
-        self, kind: str, spec_model: type[BaseModel], factory: Callable[[Any], Agent]
+        self,
+        kind: str,
+        spec_model: type[BaseModel],
+        factory: Callable[[Any], Agent],
+        *,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
-        """Add a kind. Errors: ``ValueError`` if ``kind`` is already registered."""
+        """Add a kind; ``context`` is handed to every validation of its specs.
+
+        Errors: ``ValueError`` if ``kind`` is already registered.
+        """
         if kind in self._kinds:
             raise ValueError(f"agent kind {kind!r} is already registered")
-        self._kinds[kind] = AgentKind(spec_model, factory)
+        self._kinds[kind] = AgentKind(spec_model, factory, context)
 
     def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Have :meth:`aclose` await ``closer()``: it releases what a kind shares among its
@@ -111,8 +122,12 @@ class AgentRegistry:
                     }
                 ],
             )
+        known = self._kinds[kind]
+        # A kind whose spec names tools in other places (script steps) checks them
+        # against the context's "tools"; the kind's own context comes with them.
+        context = {**(known.context or {}), "tools": tools}
         try:
-            validated = self._kinds[kind].spec_model.model_validate(spec)
+            validated = known.spec_model.model_validate(spec, context=context)
         except ValidationError as exc:
             raise InvalidInput.from_validation_error(exc, prefix=loc) from None
         if tools is not None:
@@ -120,8 +135,21 @@ class AgentRegistry:
         return validated
 
     def create(self, spec: Mapping[str, Any]) -> Agent:
-        """Build an agent for one run from a stored (already validated) spec."""
-        validated = self.validate(spec)
+        """Build an agent for one run from a stored spec (validated again: the server's
+        settings may have changed since it was stored — a provider removed).
+
+        Errors: :class:`~app.errors.InvalidInput` whose message says what no longer fits.
+        """
+        try:
+            validated = self.validate(spec)
+        except InvalidInput as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in exc.detail or []
+            )
+            raise InvalidInput(
+                f"the conversation's agent spec is not valid on this server: {problems}",
+                detail=exc.detail,
+            ) from None
         return self._kinds[str(spec["kind"])].factory(validated)
 
 
@@ -147,19 +175,26 @@ def _check_tool_names(named: Any, known: Collection[str], loc: tuple[str, ...]) 
 def default_registry(
     llm: LLMSettings | None = None, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AgentRegistry:
-    """A registry with the built-in kinds: ``script``, and ``llm`` with ``llm`` defaults.
+    """A registry with the built-in kinds: ``script``, and ``llm`` with the providers of
+    ``llm`` (the ``[llm]`` table).
 
-    The ``llm`` runs share one :class:`~app.agents.provider.ProviderClient` (one HTTP
-    client), closed by :meth:`AgentRegistry.aclose`. ``transport`` (tests) replaces its
-    network transport.
+    Building it takes the providers' API keys out of the environment (see
+    :mod:`app.agents.providers`). The ``llm`` runs that pick a provider share its
+    :class:`~app.agents.provider.ProviderClient` (one HTTP client), closed by
+    :meth:`AgentRegistry.aclose`. ``transport`` (tests) replaces their network transport.
     """
     from app.agents.llm import LLMAgent, LLMSpec
-    from app.agents.provider import ProviderClient
+    from app.agents.providers import PROVIDERS_CONTEXT, Providers
     from app.agents.script import ScriptAgent, ScriptSpec
 
-    provider = ProviderClient(llm or LLMSettings(), transport=transport)
+    providers = Providers(llm or LLMSettings(), transport=transport)
     registry = AgentRegistry()
     registry.register("script", ScriptSpec, ScriptAgent)
-    registry.register("llm", LLMSpec, lambda spec: LLMAgent(spec, provider))
-    registry.add_closer(provider.aclose)
+    registry.register(
+        "llm",
+        LLMSpec,
+        lambda spec: LLMAgent(spec, providers.get(spec.provider)),
+        context={PROVIDERS_CONTEXT: providers.names},
+    )
+    registry.add_closer(providers.aclose)
     return registry

@@ -15,6 +15,9 @@ a *list* of such objects is one step whose calls run in parallel (results in cal
 Each call is recorded as an ``action`` and an ``observation`` event; a ``finish`` tool call
 ends the run.
 
+Validation is strict, and happens before a conversation is stored: ``{"sleep": "5"}`` is
+not a number, and a request naming a tool the server does not have is refused (422).
+
 Resuming: the index of the next step lives in the conversation's agent state, saved after
 each *completed* step. A new run continues where the previous run stopped; a step that was
 interrupted or failed was not completed, so it runs again. Once the script has finished, a
@@ -25,7 +28,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from app.agents.base import CONTINUE, StepContext, StepResult, finish
 from app.events import MessagePayload
@@ -39,7 +51,8 @@ class ScriptFailure(Exception):
 
 
 class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "sleep": "5" or true is a mistake in the script, not a number
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SayStep(_Step):
@@ -61,6 +74,21 @@ class FinishStep(_Step):
 class ToolStep(_Step):
     tool: str = Field(min_length=1, max_length=100)
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tool")
+    @classmethod
+    def _known_tool(cls, name: str, info: ValidationInfo) -> str:
+        """With the validation context's ``tools`` (the names that exist, given when a
+        request is validated), only those. A stored spec is validated without them: a tool
+        gone since is then an error observation of the run, as for a model's call."""
+        known = (info.context or {}).get("tools")
+        if known is not None and name not in known:
+            raise PydanticCustomError(
+                "unknown_tool",
+                "unknown tool '{name}'; the tools are {known}",
+                {"name": name, "known": sorted(known)},
+            )
+        return name
 
 
 _STEP_KEYS = ("say", "sleep", "fail", "finish", "tool")
@@ -96,7 +124,7 @@ ScriptStep = Annotated[
 
 
 class ScriptSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     kind: Literal["script"]
     steps: list[ScriptStep] = Field(min_length=1, max_length=10_000)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from typing import Any, TypeVar
 
+import pydantic_core
 from quart import Blueprint, Response
 
 from app.admission import Admission
@@ -19,27 +21,44 @@ from app.api.schemas import (
     MessageAccepted,
     PostMessage,
 )
+from app.errors import PayloadTooLarge
 from app.events import MessagePayload
-from app.records import ConversationRecord
+from app.records import ConversationRecord, ConversationSummary
 from app.store.base import MessageWritten, NewConversation, NewRun
 from app.store.idempotency import Answer, IdempotentWrite, Replayed
 from app.supervisor import RunSupervisor
 
 blueprint = Blueprint("conversations", __name__, url_prefix="/api/conversations")
 
+C = TypeVar("C", ConversationRecord, ConversationSummary)
 
-def present(sup: RunSupervisor, conversation: ConversationRecord) -> ConversationRecord:
-    """The record with its run's live queue position."""
+
+def present(sup: RunSupervisor, conversation: C) -> C:
+    """The record (or summary) with its run's live queue position."""
     if conversation.run is None:
         return conversation
     return conversation.model_copy(update={"run": sup.with_position(conversation.run)})
+
+
+def check_spec_size(agent: dict[str, Any], limit: int) -> None:
+    """Refuse an agent spec whose JSON is larger than ``max_agent_spec_bytes``.
+
+    Errors: :class:`~app.errors.PayloadTooLarge` (413) stating the size and the limit.
+    """
+    size = len(pydantic_core.to_json(agent))
+    if size > limit:
+        raise PayloadTooLarge(
+            f"the agent spec is {size} bytes of JSON; max_agent_spec_bytes is {limit}",
+            detail={"loc": ["body", "agent"], "size": size, "max_agent_spec_bytes": limit},
+        )
 
 
 @blueprint.post("")
 @documented(
     "Create a conversation; with run=true start its first run, atomically: a refused run"
     " stores nothing. Idempotent with an Idempotency-Key header (a replay answers exactly"
-    " the first answer, with Idempotent-Replayed: true).",
+    " the first answer, with Idempotent-Replayed: true). The agent spec is validated against"
+    " its kind's schema first; one larger than max_agent_spec_bytes is 413.",
     status=201,
     body=CreateConversation,
     response=ConversationRecord,
@@ -48,6 +67,7 @@ def present(sup: RunSupervisor, conversation: ConversationRecord) -> Conversatio
 async def create_conversation() -> Response:
     sup = supervisor()
     body, raw = await parse_body(CreateConversation)
+    check_spec_size(body.agent, sup.settings.max_agent_spec_bytes)
     sup.registry.validate(body.agent, loc=("body", "agent"), tools=sup.tools.names)
     key = idempotency.request_key(raw)
     await idempotency.replay_if_known(sup, key)
@@ -87,14 +107,22 @@ async def create_conversation() -> Response:
 
 
 @blueprint.get("")
-@documented("List conversations, newest first.", query=ListConversations, response=ConversationList)
+@documented(
+    "List conversations, newest first, as summaries (agent_kind instead of the agent spec)."
+    " A page stays under 1 MiB (it may hold fewer than limit items: follow next_cursor);"
+    " a stored record that cannot be read is listed as its id with an error.",
+    query=ListConversations,
+    response=ConversationList,
+)
 async def list_conversations() -> Response:
     sup = supervisor()
     query = parse_query(ListConversations)
     page = await sup.io(
         sup.store.list_conversations, status=query.status, limit=query.limit, cursor=query.cursor
     )
-    items = [present(sup, item) for item in page.items]
+    items = [
+        present(sup, item) if isinstance(item, ConversationSummary) else item for item in page.items
+    ]
     return json_response(ConversationList(items=items, next_cursor=page.next_cursor))
 
 

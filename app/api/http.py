@@ -1,19 +1,21 @@
 """Request parsing and JSON responses shared by every blueprint.
 
-Every input goes through a pydantic model: a body that is not JSON is a 400, a body or
-query that does not fit its model is a 422 naming the field. Nothing is changed before the
-whole input has been validated.
+Every input goes through a pydantic model: a body that is not UTF-8 JSON is a 415, one
+that is not well-formed (or too deep, or with a duplicate key) a 400, a body or query that
+does not fit its model a 422 naming the field. Nothing is changed before the whole input
+has been validated.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 from quart import Response, current_app, request
 
+from app.api.guards import check_json_media_type
+from app.api.json_limits import parse_json
 from app.errors import BadRequest, InvalidInput
 from app.records import ConversationRecord
 from app.supervisor import RunSupervisor
@@ -38,18 +40,21 @@ async def get_conversation(sup: RunSupervisor, conversation_id: str) -> Conversa
 async def read_json_object(*, optional: bool = False) -> dict[str, Any]:
     """The request body as a JSON object; ``{}`` for an empty body when ``optional``.
 
-    Errors: :class:`BadRequest` for malformed JSON or a non-object; 413 (from Quart) for a
-    body larger than ``max_request_bytes``.
+    The body is parsed by :func:`app.api.json_limits.parse_json` (UTF-8, unique keys,
+    bounded depth and numbers) and must be declared as JSON — checked again here for a body
+    that arrived without announcing itself (no Content-Length).
+
+    Errors: :class:`BadRequest` for malformed JSON or a non-object;
+    :class:`~app.errors.UnsupportedMediaType` (415) for a body that is not UTF-8 JSON; 413
+    (from Quart) for a body larger than ``max_request_bytes``; see ``parse_json`` for the rest.
     """
-    raw = await request.get_data(as_text=False)
+    raw = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     if not raw.strip():
         if optional:
             return {}
         raise BadRequest("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    check_json_media_type()
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body

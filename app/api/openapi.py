@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from quart import Blueprint, Quart, Response, current_app
 
+from app.api.guards import BODY_METHODS, OPEN_TO_ANY_HOST
 from app.api.http import json_response
 from app.api.schemas import ErrorBody
 
@@ -86,6 +87,7 @@ def build_openapi(app: Quart) -> dict[str, Any]:
     for rule, method, doc in routes:
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
         operation = _operation(doc, sorted(rule.arguments), components)
+        operation["responses"] |= _error_responses(doc, method, rule.rule)
         paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -114,11 +116,23 @@ def _operation(doc: Doc, path_parameters: list[str], components: dict[str, Any])
     success: dict[str, Any] = {"description": "OK"}
     if doc.response is not None:
         success["content"] = {"application/json": {"schema": _ref(doc.response)}}
-    error = {"description": "Error", "content": {"application/json": {"schema": _ref(ErrorBody)}}}
-    operation["responses"] = {str(doc.status): success} | {
-        str(status): error for status in sorted({*doc.errors, 400, 422} if doc.body else doc.errors)
-    }
+    operation["responses"] = {str(doc.status): success}
     return operation
+
+
+def _error_responses(doc: Doc, method: str, path: str) -> dict[str, Any]:
+    """The view's own errors, plus those of every request of its kind: the guards' 403
+    and 421 (``app/api/guards.py``), 415 for a method that may carry a body, 400 and 422
+    for a view that parses one."""
+    statuses = {*doc.errors, 403}
+    if path not in OPEN_TO_ANY_HOST:
+        statuses.add(421)
+    if method in BODY_METHODS:
+        statuses.add(415)
+    if doc.body is not None:
+        statuses |= {400, 422}
+    error = {"description": "Error", "content": {"application/json": {"schema": _ref(ErrorBody)}}}
+    return {str(status): error for status in sorted(statuses)}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

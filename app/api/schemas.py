@@ -13,14 +13,21 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 from app.events import Event
 from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
-from app.records import ConversationRecord, RunRecord
+from app.records import ConversationListItem, RunRecord
 from app.settings import Settings
-from app.store.base import MAX_PAGE_SIZE
+from app.store.base import INT64_MAX, MAX_PAGE_SIZE
 
 MAX_TEXT_CHARS = 100_000
 
 
 class _Strict(BaseModel):
+    """A request body or query string: unknown fields are errors.
+
+    Body numbers and booleans are ``Strict*`` types (``"5"`` is not a number, ``true`` is
+    not 1), and pydantic never turns a number into a ``str``. Query values arrive as text,
+    so their integers are parsed — and bounded, at most by 2^63 - 1.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -59,7 +66,7 @@ class DeleteConversation(_Strict):
 
 class ListRuns(_Strict):
     limit: int = Field(100, ge=1, le=MAX_PAGE_SIZE)
-    after: int | None = Field(None, ge=0)
+    after: int | None = Field(None, ge=0, le=INT64_MAX)
 
 
 class ServerRuns(_Strict):
@@ -86,7 +93,9 @@ class Limits(_Strict):
 
 
 class ConversationList(BaseModel):
-    items: list[ConversationRecord]
+    #: Summaries (no agent spec); a stored record that cannot be read is listed as its id
+    #: with an ``error``. A page may hold fewer than ``limit`` items: it stays under 1 MiB.
+    items: list[ConversationListItem]
     #: Pass back as ``cursor`` for the next (older) page; null on the last page.
     next_cursor: str | None
 
@@ -127,13 +136,23 @@ class ServerInfo(BaseModel):
     statistics: SupervisorStatistics
     settings: Settings = Field(
         description="The effective settings, with the run limits as changed at runtime."
-        " Nothing secret: settings never hold one (the API key is read from the"
-        " environment variable that llm.api_key_env names, when a request is made)."
+        " Nothing secret: settings name the environment variables that hold API keys (read"
+        " once at start-up, then removed from the environment), and passwords in URLs are"
+        " masked."
+    )
+    sandbox: Literal["bwrap", "none"] = Field(
+        description="Where terminal commands run: bwrap (sandboxed) or none; the sandbox"
+        ' setting "auto" resolves to one of them at start-up.'
     )
 
 
 class Health(BaseModel):
     status: Literal["ok", "ready"]
+
+
+class Ready(Health):
+    #: Where terminal commands run: ``bwrap`` (sandboxed) or ``none`` (see ``sandbox``).
+    sandbox: Literal["bwrap", "none"]
 
 
 class ErrorDetail(BaseModel):

@@ -6,14 +6,25 @@ from quart import Blueprint, Response
 
 from app.api.http import json_response, parse_body, supervisor
 from app.api.openapi import documented
-from app.api.schemas import Health, Limits, ServerInfo, ServerLimits
+from app.api.schemas import Health, Limits, Ready, ServerInfo, ServerLimits
 from app.errors import ShuttingDown
 from app.store.faults import StoreUnavailable
+from app.tools import sandbox
+from app.tools.sandbox import ActiveSandbox
 
 blueprint = Blueprint("server", __name__)
 
 
-def _server_info() -> ServerInfo:
+async def _active_sandbox() -> ActiveSandbox:
+    """The sandbox commands run in: the setting, or what ``auto`` resolved to (probed
+    once per process, then a lookup)."""
+    settings = supervisor().settings
+    if settings.sandbox != "auto":
+        return settings.sandbox
+    return await sandbox.active("auto", network=settings.sandbox_network)
+
+
+async def _server_info() -> ServerInfo:
     from app import __version__
 
     sup = supervisor()
@@ -31,13 +42,19 @@ def _server_info() -> ServerInfo:
             "max_queued_runs": stats.max_queued_runs,
         }
     )
-    return ServerInfo(version=__version__, limits=limits, statistics=stats, settings=effective)
+    return ServerInfo(
+        version=__version__,
+        limits=limits,
+        statistics=stats,
+        settings=effective,
+        sandbox=await _active_sandbox(),
+    )
 
 
 @blueprint.get("/api/server")
 @documented("Version, limits and live statistics.", response=ServerInfo)
 async def server() -> Response:
-    return json_response(_server_info())
+    return json_response(await _server_info())
 
 
 @blueprint.patch("/api/server/limits")
@@ -51,7 +68,7 @@ async def patch_limits() -> Response:
     supervisor().set_limits(
         max_concurrent_runs=body.max_concurrent_runs, max_queued_runs=body.max_queued_runs
     )
-    return json_response(_server_info())
+    return json_response(await _server_info())
 
 
 @blueprint.get("/health")
@@ -63,8 +80,9 @@ async def health() -> Response:
 @blueprint.get("/ready")
 @documented(
     "Readiness: 503 while draining, and 503 store_unavailable while the store cannot write"
-    " (disk full, I/O error, read-only); ready again once a probe write succeeds.",
-    response=Health,
+    " (disk full, I/O error, read-only); ready again once a probe write succeeds. Says"
+    " which sandbox terminal commands run in.",
+    response=Ready,
     errors=(503,),
 )
 async def ready() -> Response:
@@ -83,4 +101,4 @@ async def ready() -> Response:
                 "failing_since": health.failing_since,
             },
         )
-    return json_response(Health(status="ready"))
+    return json_response(Ready(status="ready", sandbox=await _active_sandbox()))

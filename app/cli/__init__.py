@@ -24,6 +24,7 @@ from app.cli.serving import serve
 from app.logs import configure_logging
 from app.settings import SettingsError, resolve_settings
 from app.store.lock import DataDirError
+from app.tools.sandbox import SandboxUnavailable
 
 __all__ = ["build_parser", "main", "serve"]
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning(note)
     try:
         return trio.run(serve, settings)
-    except DataDirError as exc:
+    except (DataDirError, SandboxUnavailable) as exc:
         print(f"trellis: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:

@@ -2,12 +2,21 @@
 
 On the way up, in this order, so that a server that cannot run touches nothing:
 
+0. make the process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``): ``/proc/<pid>/environ``,
+   ``mem`` and friends then belong to root, so a command running as the server's user
+   cannot read the secrets the server started with (root still can: run the server as an
+   unprivileged user, or with the bwrap sandbox, where the server's processes are not in
+   sight). It also means no core dumps, and debuggers need root;
 1. claim the data directory (:class:`~app.store.lock.DataDirLock`): a second server on the
    same directory fails here, before the database is opened — its crash recovery would
-   otherwise pause the live server's runs;
+   otherwise pause the live server's runs. It is created ``0700`` and ``chmod``-ed so:
+   only the server's user may enter it (the database, the workspaces, the lock);
 2. open the store (in a thread, on a limiter of its own): an unwritable directory or a
    database that cannot be opened fails here, as one line;
-3. bind and serve; print ``trellis: serving on URL`` (stdout's one line).
+3. choose the sandbox (:mod:`app.tools.sandbox`; ``auto`` probes bubblewrap once and logs
+   a warning when it falls back to ``none``; an explicit ``bwrap`` that does not work is
+   a one-line :class:`~app.tools.sandbox.SandboxUnavailable`);
+4. bind and serve; print ``trellis: serving on URL`` (stdout's one line).
 
 The claim is held until ``serve`` returns, or by the kernel until the process dies.
 
@@ -28,6 +37,7 @@ with code 1, since threads cannot be killed.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -35,6 +45,8 @@ import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +60,12 @@ from app.settings import Settings
 from app.store.lock import DataDirError, DataDirLock
 from app.store.sqlite import SqliteStore
 from app.supervisor import RunSupervisor
+from app.tools import sandbox
 from app.web import create_app
 
 log = logging.getLogger("trellis")
+
+_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 async def serve(
@@ -67,15 +82,22 @@ async def serve(
 
     Errors:
         :class:`~app.store.lock.DataDirError` (``DataDirInUse`` for a directory another
-        server holds) before anything is served or any data touched. A port that cannot
-        be bound raises Hypercorn's ``OSError`` inside an exception group.
+        server holds) before anything is served or any data touched;
+        :class:`~app.tools.sandbox.SandboxUnavailable` before anything is served. A port
+        that cannot be bound raises Hypercorn's ``OSError`` inside an exception group.
     """
+    make_undumpable()
     startup = trio.CapacityLimiter(1)  # blocking start-up I/O, never on Trio's default limiter
     lock = DataDirLock(settings.data_dir)
-    await trio.to_thread.run_sync(lock.acquire, limiter=startup)
+    await trio.to_thread.run_sync(claim_private_dir, lock, limiter=startup)
     try:
         store = await trio.to_thread.run_sync(open_store, settings.database_path, limiter=startup)
         try:
+            mode = await trio.to_thread.run_sync(
+                partial(sandbox.resolve, settings.sandbox, network=settings.sandbox_network),
+                limiter=startup,
+            )
+            log.info("sandbox: %s", mode)
             app = create_app(settings, registry=registry, store=store)
             return await _serve_app(app, settings, task_status)
         finally:
@@ -83,6 +105,37 @@ async def serve(
                 await trio.to_thread.run_sync(store.close, limiter=startup)
     finally:
         lock.release()
+
+
+def make_undumpable() -> None:
+    """``prctl(PR_SET_DUMPABLE, 0)`` for this process (Linux; a no-op elsewhere).
+
+    Errors: ``OSError`` if the kernel refuses (it does not, for a process's own flag).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(errno)}")
+
+
+def claim_private_dir(lock: DataDirLock) -> None:
+    """Create the data directory ``0700`` if needed, claim it, and ``chmod`` it ``0700``.
+
+    Errors: :class:`DataDirError`, one line: the lock's (cannot create, not writable, in
+    use), or the ``chmod``'s (say, the directory belongs to another user).
+    """
+    with suppress(OSError):  # what cannot be created is the lock's to report, in its words
+        lock.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        os.chmod(lock.data_dir, 0o700)
+    except OSError as exc:
+        lock.release()
+        raise DataDirError(
+            f"cannot make data directory {lock.data_dir} private (chmod 0700): {exc.strerror}"
+        ) from None
 
 
 def open_store(path: Path) -> SqliteStore:

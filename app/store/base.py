@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.events import EVENT_KINDS, Event, Payload, Source
 from app.lifecycle import Status, Trigger
-from app.records import ConversationRecord, RunRecord
+from app.records import ConversationListItem, ConversationRecord, RunRecord
 from app.store.faults import StoreHealth
 from app.store.idempotency import Answer, IdempotentWrite
 
 MAX_PAGE_SIZE = 1000
+INT64_MAX = 2**63 - 1  # the largest integer SQLite stores (a larger parameter: OverflowError)
 
 
 class Order(enum.StrEnum):
@@ -38,8 +39,8 @@ class EventQuery(BaseModel):
     source: Source | None = None
     run_id: str | None = Field(None, max_length=64)
     q: str | None = Field(None, min_length=1, max_length=256)
-    after_seq: int | None = Field(None, ge=0)
-    before_seq: int | None = Field(None, ge=1)
+    after_seq: int | None = Field(None, ge=0, le=INT64_MAX)
+    before_seq: int | None = Field(None, ge=1, le=INT64_MAX)
     order: Order = Order.ASC
     limit: int = Field(100, ge=1, le=MAX_PAGE_SIZE)
 
@@ -53,7 +54,7 @@ class EventPage:
 
 @dataclass(frozen=True, slots=True)
 class ConversationPage:
-    items: list[ConversationRecord]
+    items: list[ConversationListItem]
     next_cursor: str | None
 
 
@@ -124,6 +125,9 @@ class EventStore(Protocol):
     ) -> ConversationPage: ...
     def delete_conversation(self, conversation_id: str) -> None: ...
     def get_agent_state(self, conversation_id: str) -> dict[str, Any]: ...
+    def count_conversations_with_workspace(self, name: str) -> int:
+        """Conversations that name the workspace ``name`` (own-id workspaces not counted)."""
+        ...
 
     # runs
     def create_run(

@@ -1,19 +1,40 @@
-"""SQL that builds rows into records, and the filtered queries of search and listing."""
+"""SQL that builds rows into records, and the filtered queries of search and listing.
+
+The conversation list returns summaries (:class:`~app.records.ConversationSummary`), read
+by a query of their own that never loads an agent spec and reads at most
+:data:`SUMMARY_ERROR_CHARS` of a run's error, and renders them one row at a time: a row
+that cannot be rendered becomes an :class:`~app.records.UnreadableConversation` and a log
+line, so one bad row never breaks a list. A page ends early, with a ``next_cursor``, rather
+than grow past :data:`MAX_LIST_PAGE_BYTES`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from pydantic import TypeAdapter
+import pydantic_core
+from pydantic import TypeAdapter, ValidationError
 
 from app.errors import InvalidInput
 from app.events import Event, Payload
 from app.lifecycle import Status
-from app.records import ConversationRecord, RunRecord, Usage
-from app.store.base import EventQuery, Order
+from app.records import (
+    ConversationListItem,
+    ConversationRecord,
+    ConversationSummary,
+    RunRecord,
+    UnreadableConversation,
+    Usage,
+)
+from app.store.base import ConversationPage, EventQuery, Order
+
+log = logging.getLogger("trellis.store")
 
 _payload_adapter: TypeAdapter[Payload] = TypeAdapter(Payload)
 
@@ -45,9 +66,44 @@ def conversation_row(conn: sqlite3.Connection, conversation_id: str) -> sqlite3.
     return row
 
 
-def list_conversations(
+#: A page of the conversation list stops before its JSON would pass this many bytes (the
+#: rest follows with ``next_cursor``). A summary is ~500-700 bytes, so 1,000 (the largest
+#: limit) fit unless titles or run errors are long.
+MAX_LIST_PAGE_BYTES = 1 << 20
+#: Characters of a run's error a summary shows; the conversation's own record has it all.
+SUMMARY_ERROR_CHARS = 1000
+_TITLE_CHARS = 200  # the longest title a request may set
+_KIND_CHARS = 100
+# What a page's JSON holds besides its items ({"items":[],"next_cursor":"…"}), and what each
+# item may add to its summary's size: a comma, and a live queue position instead of null.
+_PAGE_ENVELOPE_BYTES, _ITEM_EXTRA_BYTES = 64, 8
+
+# The summary of a conversation, in one row: the spec's kind without loading the spec (a
+# spec that is not JSON gives NULL), long texts cut in SQL. Run columns are prefixed "run_".
+_SUMMARY_SELECT = (
+    f"SELECT c.n, c.id, substr(c.title, 1, {_TITLE_CHARS}) AS title, c.status,"
+    f" CASE WHEN json_valid(c.agent)"
+    f" THEN substr(json_extract(c.agent, '$.kind'), 1, {_KIND_CHARS}) END AS agent_kind,"
+    " c.max_iterations, c.workspace, c.created_at, c.updated_at, c.last_seq,"
+    " c.prompt_tokens, c.completion_tokens, "
+    + ", ".join(
+        f"substr(r.{column}, 1, {SUMMARY_ERROR_CHARS + 1}) AS run_{column}"
+        if column == "error"
+        else f"r.{column} AS run_{column}"
+        for column in _RUN_COLUMNS
+    )
+    + " FROM conversations AS c LEFT JOIN runs AS r ON r.id = c.current_run_id"
+)
+
+
+def list_summaries(
     conn: sqlite3.Connection, status: Status | None, limit: int, before_n: int | None
 ) -> list[sqlite3.Row]:
+    """Up to ``limit`` summary rows, newest first, older than row ``before_n``.
+
+    Text that is not valid UTF-8 (written by another program) is read with replacement
+    characters instead of failing the whole query.
+    """
     clauses: list[str] = []
     params: list[Any] = []
     if status is not None:
@@ -57,8 +113,68 @@ def list_conversations(
         clauses.append("c.n < ?")
         params.append(before_n)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"{_CONVERSATION_SELECT}{where} ORDER BY c.n DESC LIMIT ?"
-    return conn.execute(sql, (*params, limit)).fetchall()
+    sql = f"{_SUMMARY_SELECT}{where} ORDER BY c.n DESC LIMIT ?"
+    with _lenient_text(conn):
+        return conn.execute(sql, (*params, limit)).fetchall()
+
+
+def summary_page(rows: list[sqlite3.Row], limit: int) -> ConversationPage:
+    """The first ``limit`` rows as list items, cut short before :data:`MAX_LIST_PAGE_BYTES`
+    (never before the first item); ``rows`` holds one more row when there is a next page."""
+    items: list[ConversationListItem] = []
+    size = _PAGE_ENVELOPE_BYTES
+    for index, row in enumerate(rows[:limit]):
+        item = summary_from_row(row)
+        size += len(pydantic_core.to_json(item)) + _ITEM_EXTRA_BYTES
+        if items and size > MAX_LIST_PAGE_BYTES:
+            return ConversationPage(items, str(rows[index - 1]["n"]))
+        items.append(item)
+    next_cursor = str(rows[limit - 1]["n"]) if len(rows) > limit else None
+    return ConversationPage(items, next_cursor)
+
+
+def summary_from_row(row: sqlite3.Row) -> ConversationListItem:
+    """The row's summary, or, if the row cannot be rendered, its stub (and a log line)."""
+    try:
+        return ConversationSummary(
+            **_conversation_fields(row, _run_of(row, error_chars=SUMMARY_ERROR_CHARS)),
+            agent_kind=row["agent_kind"],
+        )
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        log.warning(
+            "conversation %r cannot be listed: its stored record is invalid: %s",
+            row["id"],
+            _what_is_wrong(exc),
+        )
+        return UnreadableConversation(
+            id=str(row["id"]),
+            error="the stored record of this conversation cannot be read; see the server log",
+        )
+
+
+def _what_is_wrong(error: Exception) -> str:
+    """The fields and what is wrong with them, never the stored values themselves."""
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, item['loc']))}: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)
+        )
+    return f"{type(error).__name__}: {error}"
+
+
+@contextmanager
+def _lenient_text(conn: sqlite3.Connection) -> Iterator[None]:
+    """Decode TEXT values with replacement characters on this (borrowed) connection."""
+    previous = conn.text_factory
+    conn.text_factory = _decode_lenient
+    try:
+        yield
+    finally:
+        conn.text_factory = previous
+
+
+def _decode_lenient(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
 
 
 def parse_cursor(cursor: str | None) -> int | None:
@@ -73,24 +189,38 @@ def parse_cursor(cursor: str | None) -> int | None:
 
 
 def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
-    run = None
-    if row["run_id"] is not None:
-        run = RunRecord(
-            conversation_id=row["id"], **{column: row[f"run_{column}"] for column in _RUN_COLUMNS}
-        )
     return ConversationRecord(
-        id=row["id"],
-        title=row["title"],
-        status=row["status"],
-        agent=json.loads(row["agent"]),
-        max_iterations=row["max_iterations"],
-        workspace=row["workspace"] or row["id"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        event_count=row["last_seq"],
-        usage=Usage(prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"]),
-        run=run,
+        **_conversation_fields(row, _run_of(row)), agent=json.loads(row["agent"])
     )
+
+
+def _conversation_fields(row: sqlite3.Row, run: RunRecord | None) -> dict[str, Any]:
+    """The fields a conversation's record and its summary share."""
+    return {
+        "id": row["id"],
+        "title": row["title"],
+        "status": row["status"],
+        "max_iterations": row["max_iterations"],
+        "workspace": row["workspace"] or row["id"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "event_count": row["last_seq"],
+        "usage": Usage(
+            prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"]
+        ),
+        "run": run,
+    }
+
+
+def _run_of(row: sqlite3.Row, *, error_chars: int | None = None) -> RunRecord | None:
+    """The current run from the ``run_`` columns; its error cut to ``error_chars``."""
+    if row["run_id"] is None:
+        return None
+    fields = {column: row[f"run_{column}"] for column in _RUN_COLUMNS}
+    error = fields["error"]
+    if error_chars is not None and isinstance(error, str) and len(error) > error_chars:
+        fields["error"] = error[:error_chars] + "…"
+    return RunRecord(conversation_id=row["id"], **fields)
 
 
 def run_from_row(row: sqlite3.Row) -> RunRecord:

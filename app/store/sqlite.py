@@ -180,12 +180,14 @@ class SqliteStore:
     def list_conversations(
         self, *, status: Status | None, limit: int, cursor: str | None
     ) -> ConversationPage:
-        """Newest first; ``cursor`` is the ``next_cursor`` of the previous page."""
+        """Summaries, newest first; ``cursor`` is the ``next_cursor`` of the previous page.
+
+        A row that cannot be rendered is listed as an ``UnreadableConversation``; a page
+        ends early rather than pass ``queries.MAX_LIST_PAGE_BYTES``.
+        """
         with self._read() as conn:
-            rows = queries.list_conversations(conn, status, limit + 1, queries.parse_cursor(cursor))
-        items = [queries.conversation_from_row(row) for row in rows[:limit]]
-        next_cursor = str(rows[limit - 1]["n"]) if len(rows) > limit else None
-        return ConversationPage(items, next_cursor)
+            rows = queries.list_summaries(conn, status, limit + 1, queries.parse_cursor(cursor))
+        return queries.summary_page(rows, limit)
 
     def delete_conversation(self, conversation_id: str) -> None:
         """Delete the conversation with its runs and events (the caller stopped its runs)."""
@@ -206,6 +208,15 @@ class SqliteStore:
             raise _conversation_not_found(conversation_id)
         state: dict[str, Any] = json.loads(row["agent_state"])
         return state
+
+    def count_conversations_with_workspace(self, name: str) -> int:
+        """How many conversations name the workspace ``name`` (active or not). A
+        conversation working in a directory of its own (no name given) is not counted."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM conversations WHERE workspace = ?", (name,)
+            ).fetchone()
+        return int(row[0])
 
     def _conversation(self, conn: sqlite3.Connection, conversation_id: str) -> ConversationRecord:
         row = queries.conversation_row(conn, conversation_id)

@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import trio
 from pydantic import BaseModel
 
+from app.settings import SandboxSetting
+
 T = TypeVar("T")
 
 #: The worker threads of tool calls. Unbounded on purpose: the call already holds its
@@ -55,6 +57,10 @@ class ToolEnvironment:
     #: secrets of the server's own environment (the model API key) never reach a command,
     #: its output, or the events that record it.
     command_env: dict[str, str] = field(default_factory=dict)
+    #: Where commands run (see :mod:`app.tools.sandbox`): the ``sandbox`` setting, resolved
+    #: by the terminal tool when it runs a command; and whether a bwrap sandbox has network.
+    sandbox: SandboxSetting = "auto"
+    sandbox_network: bool = True
 
 
 @dataclass(frozen=True, slots=True)

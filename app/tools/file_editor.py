@@ -10,6 +10,13 @@ Four commands, one for each thing a model does with a file::
 Why ``str_replace`` demands *exactly one* match: the model edits by quoting, and a quote that
 matches twice is ambiguous; guessing silently corrupts files, so the model must add context.
 
+Confinement, the rule: every file and directory this tool touches is opened from the
+workspace's descriptor one component at a time, each with ``O_NOFOLLOW``, along the
+symlink-free path :func:`resolve_in_workspace` chose. A symlink met on the way (swapped in
+since the check) is an error, never followed: nothing outside the workspace is reached by
+name. A regular file must have exactly one hard link: another link may be a file outside the
+workspace (a command can make one), which this tool must neither read nor write.
+
 Errors: ``ValueError`` └── ``PathEscape`` (a path that is not a place inside the workspace).
 :func:`edit` never raises for the model's mistakes (missing file, bad range, escape, binary
 file, a directory): it returns ``ToolResult(is_error=True)`` saying what was wrong and what to do.
@@ -17,8 +24,11 @@ file, a directory): it returns ``ToolResult(is_error=True)`` saying what was wro
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -99,12 +109,9 @@ def resolve_in_workspace(workspace: Path, path: str, *, allow_root: bool = False
     (listing it is fine; it is not a file). Symlinks *inside* the workspace pointing inside
     are fine. Missing trailing components are allowed (``create`` makes them).
 
-    The check-then-use race, honestly: the path is checked here and opened afterwards. Whoever
-    can write in the workspace (the terminal tool, say) could swap a directory for a symlink to
-    the outside in between. The caller keeps the window small by using the returned path at
-    once, and by opening it with ``O_NOFOLLOW`` (a final component swapped for a symlink fails
-    to open); a swapped *parent* is not caught. Closing the race fully needs ``openat2`` with
-    ``RESOLVE_BENEATH``, which the standard library does not offer.
+    This only *chooses* the path. The file is then opened from the workspace one component
+    at a time with ``O_NOFOLLOW`` (:func:`_open_beneath`), so a directory swapped for a
+    symlink after this check makes the open fail instead of leading outside.
     """
     if Path(path).is_absolute():
         raise PathEscape(f"{path!r} is absolute: give a path relative to the workspace")
@@ -135,16 +142,15 @@ def edit(workspace: Path, args: FileEditorArguments, *, max_view_chars: int = 50
         rel = data["path"] = target.relative_to(workspace.resolve()).as_posix()
         match args.command:
             case "view":
-                content = _view(target, rel, args.view_range, max_view_chars)
+                content = _view(workspace, rel, args.view_range, max_view_chars)
             case "create":
-                data["overwrote"] = target.exists()
-                content = _create(target, rel, args.file_text or "", data["overwrote"])
+                content, data["overwrote"] = _create(workspace, rel, args.file_text or "")
             case "str_replace":  # the validator guarantees the fields: `or` only for mypy
                 old, new = args.old_str or "", args.new_str or ""
-                content = _str_replace(target, rel, old, new, max_view_chars)
+                content = _str_replace(workspace, rel, old, new, max_view_chars)
             case "insert":
                 line, new = args.insert_line or 0, args.new_str or ""
-                content = _insert(target, rel, line, new, max_view_chars)
+                content = _insert(workspace, rel, line, new, max_view_chars)
     except (PathEscape, _Refused) as exc:
         return ToolResult(str(exc), is_error=True, data=data)
     except OSError as exc:  # e.g. permission denied, a file where a directory should be
@@ -153,12 +159,13 @@ def edit(workspace: Path, args: FileEditorArguments, *, max_view_chars: int = 50
     return ToolResult(content, data=data)
 
 
-def _view(target: Path, rel: str, view_range: list[int] | None, max_chars: int) -> str:
-    if target.is_dir():
-        if view_range is not None:
-            raise _Refused(f"{rel} is a directory; view_range applies to files only")
-        return _listing(target, rel, max_chars)
-    lines = _lines(_read_text(target, rel))
+def _view(workspace: Path, rel: str, view_range: list[int] | None, max_chars: int) -> str:
+    with _open_beneath(workspace, rel, os.O_RDONLY) as fd:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            if view_range is not None:
+                raise _Refused(f"{rel} is a directory; view_range applies to files only")
+            return _listing(fd, rel, max_chars)
+        lines = _lines(_read_text(fd, rel))
     if not lines:
         return f"{rel} is empty"
     start, end = view_range or (1, -1)
@@ -169,59 +176,134 @@ def _view(target: Path, rel: str, view_range: list[int] | None, max_chars: int) 
     return header + _numbered(lines[start - 1 : end], start, max_chars)
 
 
-def _create(target: Path, rel: str, text: str, overwrite: bool) -> str:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(target, text)
-    return f"{'overwrote' if overwrite else 'created'} {rel} ({len(_lines(text))} lines)"
+def _create(workspace: Path, rel: str, text: str) -> tuple[str, bool]:
+    """Write a new file, or overwrite an existing one (which must pass :func:`_checked`)."""
+    new = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        with _open_beneath(workspace, rel, new, make_parents=True) as fd:
+            _write_text(fd, text)
+        overwrote = False
+    except FileExistsError:
+        with _open_beneath(workspace, rel, os.O_WRONLY) as fd:
+            _checked(fd, rel)
+            _write_text(fd, text)
+        overwrote = True
+    return f"{'overwrote' if overwrote else 'created'} {rel} ({len(_lines(text))} lines)", overwrote
 
 
-def _str_replace(target: Path, rel: str, old: str, new: str, max_chars: int) -> str:
-    text = _read_text(target, rel)
-    count = text.count(old)
-    if count == 0:
-        raise _Refused(f"no match for old_str in {rel}: it must match exactly, whitespace included")
-    if count > 1:
-        raise _Refused(
-            f"old_str occurs {count} times in {rel}: add surrounding lines to make it unique"
-        )
-    first = text.count("\n", 0, text.index(old)) + 1
-    updated = text.replace(old, new, 1)
-    _write_text(target, updated)
+def _str_replace(workspace: Path, rel: str, old: str, new: str, max_chars: int) -> str:
+    with _open_beneath(workspace, rel, os.O_RDWR) as fd:
+        text = _read_text(fd, rel)
+        count = text.count(old)
+        if count == 0:
+            raise _Refused(
+                f"no match for old_str in {rel}: it must match exactly, whitespace included"
+            )
+        if count > 1:
+            raise _Refused(
+                f"old_str occurs {count} times in {rel}: add surrounding lines to make it unique"
+            )
+        first = text.count("\n", 0, text.index(old)) + 1
+        updated = text.replace(old, new, 1)
+        _write_text(fd, updated)
     return f"replaced 1 occurrence in {rel}. " + _snippet(
         updated, first, first + new.count("\n"), max_chars
     )
 
 
-def _insert(target: Path, rel: str, after: int, new: str, max_chars: int) -> str:
-    lines = _lines(_read_text(target, rel))
-    if after > len(lines):
-        raise _Refused(f"insert_line {after} is past the end: {rel} has {len(lines)} lines")
-    if after == len(lines) and lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"  # the last line had no newline: end it before appending after it
-    block = new if new.endswith("\n") else new + "\n"
-    updated = "".join(lines[:after]) + block + "".join(lines[after:])
-    _write_text(target, updated)
+def _insert(workspace: Path, rel: str, after: int, new: str, max_chars: int) -> str:
+    with _open_beneath(workspace, rel, os.O_RDWR) as fd:
+        lines = _lines(_read_text(fd, rel))
+        if after > len(lines):
+            raise _Refused(f"insert_line {after} is past the end: {rel} has {len(lines)} lines")
+        if after == len(lines) and lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"  # the last line had no newline: end it before appending after it
+        block = new if new.endswith("\n") else new + "\n"
+        updated = "".join(lines[:after]) + block + "".join(lines[after:])
+        _write_text(fd, updated)
     added = len(_lines(block))
     return f"inserted {added} lines after line {after} of {rel}. " + _snippet(
         updated, after + 1, after + added, max_chars
     )
 
 
-def _read_text(target: Path, rel: str) -> str:
-    """The file's text; ``O_NONBLOCK`` so a FIFO is refused instead of hanging the thread."""
+# -- opening beneath the workspace (the rule is in the module docstring) ---------------------
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
+
+
+@contextmanager
+def _open_beneath(
+    workspace: Path, rel: str, flags: int, *, make_parents: bool = False
+) -> Iterator[int]:
+    """A descriptor for ``rel`` (``"."`` = the workspace), opened as the rule says,
+    with ``flags`` for the last component; ``O_NONBLOCK``, so a FIFO never hangs the thread.
+    Closed when the block ends.
+
+    Errors:
+        :class:`_Refused` for a missing file, a directory where a file is edited, and a
+        symlink on the way; ``OSError`` for the rest (permission denied, not a directory).
+    """
+    parts = [] if rel == "." else rel.split("/")
+    fd = os.open(workspace, _DIRECTORY | os.O_CLOEXEC)
     try:
-        file = open(target, "rb", opener=_nofollow_nonblocking)  # noqa: SIM115 (with below)
+        for index, name in enumerate(parts):
+            last = index == len(parts) - 1
+            if make_parents and not last:
+                with suppress(FileExistsError):
+                    os.mkdir(name, dir_fd=fd)
+            parent, fd = fd, -1
+            try:
+                fd = _open_at(parent, name, flags | os.O_NONBLOCK if last else _DIRECTORY, rel)
+            finally:
+                os.close(parent)
+        yield fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open_at(parent: int, name: str, flags: int, rel: str) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=parent)
     except FileNotFoundError:
         raise _Refused(f"{rel} does not exist: view its directory to check, or create it") from None
     except IsADirectoryError:
+        if flags & os.O_ACCMODE != os.O_RDWR:  # create: "create sub failed: Is a directory"
+            raise
         raise _Refused(f"{rel} is a directory: view it to list its files") from None
-    with file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise _Refused(f"{rel} is not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise _Refused(f"{rel} is {info.st_size} bytes, over the {MAX_FILE_BYTES} limit")
-        raw = file.read()
+    except OSError as exc:  # ELOOP (last) or ENOTDIR (on the way): a symlink, or not a dir
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
+            raise _Refused(f"{rel} leads through a symlink that changed; try again") from None
+        raise
+
+
+def _is_symlink(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _checked(fd: int, rel: str) -> os.stat_result:
+    """The file's status, once it is known to be a regular file with one link, not too big."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise _Refused(f"{rel} is not a regular file")
+    if info.st_nlink > 1:
+        raise _Refused(
+            f"{rel} has {info.st_nlink} hard links: another may be outside the workspace, so"
+            " this tool does not open it; copy it (cp) to edit the copy"
+        )
+    if info.st_size > MAX_FILE_BYTES:
+        raise _Refused(f"{rel} is {info.st_size} bytes, over the {MAX_FILE_BYTES} limit")
+    return info
+
+
+def _read_text(fd: int, rel: str) -> str:
+    _checked(fd, rel)
+    with open(fd, "rb", closefd=False) as file:
+        raw = file.read(MAX_FILE_BYTES + 1)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -231,14 +313,11 @@ def _read_text(target: Path, rel: str) -> str:
     return text
 
 
-def _nofollow_nonblocking(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
-
-
-def _write_text(target: Path, text: str) -> None:
-    """Write in place; ``O_NOFOLLOW`` refuses a final component swapped for a symlink."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
-    with open(fd, "wb") as file:
+def _write_text(fd: int, text: str) -> None:
+    """Replace the whole content of the (checked) file open as ``fd``."""
+    os.ftruncate(fd, 0)
+    with open(fd, "wb", closefd=False) as file:
+        file.seek(0)
         file.write(text.encode("utf-8"))
 
 
@@ -275,20 +354,25 @@ def _snippet(text: str, first: int, last: int, max_chars: int) -> str:
     return f"Lines {start}-{end} now read:\n{body}"
 
 
-def _listing(directory: Path, rel: str, max_chars: int) -> str:
+def _listing(directory: int, rel: str, max_chars: int) -> str:
     """Two levels, sorted, hidden entries skipped; ``/`` marks directories, ``@`` symlinks
-    (never descended into, so a link to the outside lists nothing of the outside)."""
+    (never descended into, so a link to the outside lists nothing of the outside).
+    Subdirectories are opened from their parent's descriptor with ``O_NOFOLLOW``."""
     entries: list[str] = []
 
-    def walk(path: Path, prefix: str, depth: int) -> None:
-        with os.scandir(path) as scan:
+    def walk(fd: int, prefix: str, depth: int) -> None:
+        with os.scandir(fd) as scan:
             children = sorted(scan, key=lambda entry: entry.name)
         for child in (c for c in children if not c.name.startswith(".")):
             is_dir = child.is_dir(follow_symlinks=False)
             mark = "/" if is_dir else "@" if child.is_symlink() else ""
             entries.append(prefix + child.name + mark)
             if is_dir and depth < LISTING_DEPTH:
-                walk(Path(child.path), f"{prefix}{child.name}/", depth + 1)
+                sub = os.open(child.name, _DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    walk(sub, f"{prefix}{child.name}/", depth + 1)
+                finally:
+                    os.close(sub)
 
     walk(directory, "", 1)
     listing = "".join(f"{entry}\n" for entry in entries) or "(empty)\n"

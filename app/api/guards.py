@@ -1,0 +1,138 @@
+"""Who may talk to the API: three checks on every request, before any handler runs.
+
+Trellis runs commands for whoever talks to it, and it usually listens on the user's own
+machine — where every web page the user opens is a potential caller. Browsers limit what a
+page may do to another site, and these checks stand on those limits:
+
+1. **Host** (421 ``misdirected_request``): the ``Host`` header must name the bound address,
+   a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``; any port) or an
+   ``allowed_hosts`` entry. DNS rebinding — a page's own domain re-pointed at 127.0.0.1,
+   which makes the browser treat this server as same-origin and read its answers — always
+   carries the page's domain here. ``/health`` answers any Host: it tells nothing but
+   "alive", and probes often address a machine by a name of their own.
+2. **Origin** (403 ``forbidden_origin``): browsers add ``Origin`` to cross-site requests
+   (and to same-origin ones that change state); a request carrying one that is not in
+   ``allowed_origins`` is refused. Non-browser clients send none.
+3. **Media type** (415 ``unsupported_media_type``): a POST, PUT, PATCH or DELETE that has a
+   body, or names a ``Content-Type``, must be ``application/json`` or ``application/*+json``,
+   UTF-8. A page may send ``text/plain``, a form or multipart data to any site without
+   asking first ("simple" requests); JSON it may not.
+
+The checks run in this order, in a ``before_request`` hook, so a refused request reaches
+no handler: nothing is read from its body, nothing is stored, nothing runs. No CORS headers
+are ever sent, so an allowed origin is one whose pages share this server's origin (a UI
+served through the same reverse proxy), not a third-party site.
+
+Errors:
+    :class:`~app.errors.MisdirectedRequest`, :class:`~app.errors.ForbiddenOrigin`,
+    :class:`~app.errors.UnsupportedMediaType`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from quart import Quart, request
+
+from app.errors import ForbiddenOrigin, MisdirectedRequest, UnsupportedMediaType
+from app.settings import Settings
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+OPEN_TO_ANY_HOST = frozenset({"/health"})
+
+# host [":" port], host being a name, an IPv4 address or a bracketed IPv6 address.
+_HOST_HEADER = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?"
+)
+_SHOWN_CHARS = 200  # of a refused header, in the error message
+
+
+def install_guards(app: Quart, settings: Settings) -> None:
+    """Check Host, Origin and the media type of every request to ``app`` (in that order)."""
+    hosts = LOOPBACK_NAMES | {_bare(settings.host)} | {_bare(h) for h in settings.allowed_hosts}
+    origins = frozenset(_normal_origin(origin) for origin in settings.allowed_origins)
+
+    @app.before_request
+    async def guard_request() -> None:
+        check_host(hosts)
+        check_origin(origins)
+        if request.method in BODY_METHODS and _declares_body():
+            check_json_media_type()
+
+
+def check_host(allowed: frozenset[str]) -> None:
+    """Refuse a request whose Host is not one of ``allowed`` nor the address it reached.
+
+    The address the connection reached (the ASGI ``server``) is always accepted: with a
+    wildcard bind (``0.0.0.0``) it is the machine's own address that the client dialled.
+    """
+    if request.path in OPEN_TO_ANY_HOST:
+        return
+    headers = request.headers.getlist("Host")
+    name = host_name(headers[0]) if len(headers) == 1 else None
+    server = request.scope.get("server")
+    reached = _bare(str(server[0])) if server else None
+    if name is None or (name not in allowed and name != reached):
+        shown = ", ".join(headers)[:_SHOWN_CHARS]
+        raise MisdirectedRequest(
+            f"this server does not answer for Host {shown!r}; use 127.0.0.1 or localhost, or"
+            " add the name to allowed_hosts",
+            detail={"host": shown},
+        )
+
+
+def host_name(header: str) -> str | None:
+    """The host of a ``Host`` header value, lowercased, without port, brackets or a final
+    dot; ``None`` when the value is not a host."""
+    match = _HOST_HEADER.fullmatch(header)
+    if match is None:
+        return None
+    name = (match["ipv6"] or match["name"]).lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def check_origin(allowed: frozenset[str]) -> None:
+    """Refuse a request carrying an ``Origin`` header that is not in ``allowed``."""
+    for origin in request.headers.getlist("Origin"):
+        if _normal_origin(origin) not in allowed:
+            shown = origin[:_SHOWN_CHARS]
+            raise ForbiddenOrigin(
+                f"requests from web pages of origin {shown!r} are not allowed; a page may"
+                " call this API only if its origin is in allowed_origins",
+                detail={"origin": shown},
+            )
+
+
+def check_json_media_type() -> None:
+    """Refuse a body not declared as UTF-8 JSON (``application/json`` or ``+json``)."""
+    mimetype = request.mimetype
+    charset = request.mimetype_params.get("charset")
+    is_json = mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+    if not is_json or (charset is not None and charset.lower() != "utf-8"):
+        declared = request.headers.get("Content-Type", "")[:_SHOWN_CHARS]
+        got = repr(declared) if declared else "no Content-Type"
+        raise UnsupportedMediaType(
+            "the request body must be JSON in UTF-8, sent with Content-Type:"
+            f" application/json; got {got}",
+            detail={"content_type": declared or None},
+        )
+
+
+def _declares_body() -> bool:
+    """Whether the request names a content type or announces body bytes."""
+    return (
+        "Content-Type" in request.headers
+        or (request.content_length or 0) > 0
+        or "Transfer-Encoding" in request.headers
+    )
+
+
+def _bare(host: str) -> str:
+    return host.strip("[]").lower()
+
+
+def _normal_origin(origin: str) -> str:
+    return origin.strip().lower().rstrip("/")
