@@ -11,8 +11,9 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,21 @@ SHUTDOWN_GRACE_SECONDS = 10.0  # the default of shutdown_grace_seconds
 class Server:
     """One ``python -m app serve`` subprocess and an httpx client pointed at it."""
 
-    def __init__(self, data_dir: Path, *args: str, program: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        program: Path | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
         start = [str(program)] if program else ["-m", "app", "serve"]
-        command = [sys.executable, *start, "--port", "0", "--data-dir", str(data_dir)]
+        command = [*prefix, sys.executable, *start, "--port", "0", "--data-dir", str(data_dir)]
+        # stderr goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of log
+        # lines, one per request) and then blocks the server mid-write.
+        self.stderr_file = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by the fixture
         self.process = subprocess.Popen(
-            [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            [*command, *args], stdout=subprocess.PIPE, stderr=self.stderr_file, text=True, env=env
         )
         self.url = self._read_url()
         self.client = httpx.Client(base_url=self.url, timeout=10)
@@ -47,7 +57,8 @@ class Server:
         line = self.process.stdout.readline() if ready else ""
         if not line.startswith("trellis: serving on "):
             self.process.kill()
-            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+            self.process.wait()
+            raise AssertionError(f"server did not start: {line!r} {self.read_stderr()!r}")
         return line.split()[-1]
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -68,8 +79,12 @@ class Server:
         self.process.send_signal(signum)
         code = self.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
         elapsed = time.monotonic() - started
-        assert self.process.stderr is not None
-        return code, elapsed, self.process.stderr.read()
+        return code, elapsed, self.read_stderr()
+
+    def read_stderr(self) -> str:
+        """Everything the server wrote to stderr so far."""
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
 
 
 @pytest.fixture
@@ -82,9 +97,9 @@ def servers() -> Iterator[list[Server]]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
-        for stream in (server.process.stdout, server.process.stderr):
-            if stream is not None:
-                stream.close()
+        if server.process.stdout is not None:
+            server.process.stdout.close()
+        server.stderr_file.close()
 
 
 def start_conversations(server: Server, count: int) -> list[str]:

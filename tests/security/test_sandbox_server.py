@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests import test_process
@@ -32,18 +31,8 @@ class UnprivilegedServer(Server):
     memory whatever its flags — the README says so — and its commands would inherit them."""
 
     def __init__(self, data_dir: Path, *args: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
         drop = ["setpriv", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
-        command = [*drop, sys.executable, "-m", "app", "serve", "--port", "0"]
-        self.process = subprocess.Popen(
-            [*command, "--data-dir", str(data_dir), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.url = self._read_url()
-        self.client = httpx.Client(base_url=self.url, timeout=10)
+        super().__init__(data_dir, *args, prefix=drop)
 
 
 def run_to_end(server: Server, command: str) -> str:

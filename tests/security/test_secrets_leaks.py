@@ -132,8 +132,8 @@ def test_secrets_key_is_gone_from_the_server_process_environment(
     finally:
         server.client.close()
         code, _, stderr = server.stop(signal.SIGTERM)
-        for stream in (server.process.stdout, server.process.stderr):
-            if stream is not None:
-                stream.close()
+        if server.process.stdout is not None:
+            server.process.stdout.close()
+        server.stderr_file.close()
     assert code == 0, stderr
     assert KEY not in stderr
