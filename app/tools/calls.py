@@ -22,6 +22,7 @@ from typing import Any
 import trio
 from pydantic import ValidationError
 
+from app.redact import redact
 from app.tools.base import Tool, ToolEnvironment, ToolResult
 
 log = logging.getLogger("trellis.tools")
@@ -144,4 +145,5 @@ async def execute_one(
             return await tool.run(arguments, env)
     except Exception as exc:  # a bug in the tool: tell the model, keep the run alive
         log.exception("tool %s failed", call.tool)
-        return ToolResult(f"the tool {call.tool} failed: {exc}", is_error=True)
+        message = redact(f"the tool {call.tool} failed: {exc}", workspace=env.workspace)
+        return ToolResult(message, is_error=True)  # no server paths, no secrets
