@@ -33,6 +33,10 @@ class Response:
         return json.loads(self.body)
 
 
+class ConnectionClosedIdle(HttpError):
+    """The server closed the connection before sending any byte of the response."""
+
+
 class RawClient:
     """One persistent connection to ``127.0.0.1:port``; not thread-safe (one per thread)."""
 
@@ -69,16 +73,27 @@ class RawClient:
             head += "Content-Type: application/json\r\n"
         if body is not None or method != "GET":
             head += f"Content-Length: {len(payload)}\r\n"
-        sock = self._connect()
+        reused = self._sock is not None
         try:
-            sock.sendall(head.encode() + b"\r\n" + payload)
-            response = self._read_response()
-        except BaseException:
-            self.close()  # the connection's state is unknown now
-            raise
+            response = self._exchange(head.encode() + b"\r\n" + payload)
+        except ConnectionClosedIdle:
+            if not reused:
+                raise
+            # The server closed the kept-alive connection while it was idle (its
+            # keep_alive_timeout) before reading this request: send it on a new one.
+            response = self._exchange(head.encode() + b"\r\n" + payload)
         if response.headers.get("connection", "").lower() == "close":
             self.close()
         return response
+
+    def _exchange(self, request: bytes) -> Response:
+        sock = self._connect()
+        try:
+            sock.sendall(request)
+            return self._read_response()
+        except BaseException:
+            self.close()  # the connection's state is unknown now
+            raise
 
     def _read_response(self) -> Response:
         while b"\r\n\r\n" not in self._buffer:
@@ -102,7 +117,12 @@ class RawClient:
 
     def _recv(self) -> None:
         assert self._sock is not None
-        chunk = self._sock.recv(RECV_BYTES)
+        try:
+            chunk = self._sock.recv(RECV_BYTES)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk and not self._buffer:
+            raise ConnectionClosedIdle("the server closed the connection before answering")
         if not chunk:
             raise HttpError("the server closed the connection mid-response")
         self._buffer += chunk
