@@ -18,11 +18,9 @@ group, everything carrying its id (``setsid``, ``nohup``, double forks), and und
 whole PID namespace (:class:`~app.tools.sandbox.CommandProcesses` says what tracking without
 bwrap cannot catch).
 
-Why the command is spawned on the Trio thread, not in a worker thread: bwrap's
-``--die-with-parent`` (``PR_SET_PDEATHSIG``) fires when the *thread* that forked it exits,
-and Trio's idle worker threads exit after 10 s — measured: a sandboxed ``sleep 25`` was
-SIGKILLed after 10.0 s. The Trio thread lives as long as the server, and the spawn (``vfork``
-and ``exec``) blocks it for 0.2 ms typically, 1.3 ms at most over 30 (measured here).
+Where the command is forked: in the one long-lived thread of :mod:`app.tools.spawner` —
+not in a Trio worker thread (bwrap's ``--die-with-parent`` fires when the forking *thread*
+exits, and idle worker threads exit after 10 s), and not on the Trio thread (a fork blocks).
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.tools import sandbox
 from app.tools.base import ToolEnvironment, ToolResult
+from app.tools.spawner import SPAWNER
 
 #: After SIGTERM, how long the command's processes get to exit before SIGKILL. Flushing
 #: files and removing temporary ones takes milliseconds; a second is plenty and still bounds
@@ -133,7 +132,7 @@ async def run_command(arguments: TerminalArguments, env: ToolEnvironment) -> Too
         arguments.command, env.workspace, env.command_env, sandbox=mode, network=env.sandbox_network
     )
     try:
-        process, output_fd = _spawn(launch, env)
+        process, output_fd = await SPAWNER.call(lambda: _spawn(launch, env))
     except OSError as exc:  # no absolute server path in what the model sees
         message = f"Could not start /bin/bash in the workspace: {exc.strerror or exc}"
         data = dict(exit_code=None, timed_out=False, truncated=False, duration_seconds=0.0)
@@ -160,8 +159,8 @@ async def run_command(arguments: TerminalArguments, env: ToolEnvironment) -> Too
 
 
 def _spawn(launch: sandbox.Launch, env: ToolEnvironment) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the command on the calling (Trio) thread; return it and its output pipe's read
-    end. See the module docstring for why this thread."""
+    """Start the command (in the spawner thread); return it and its output pipe's read end.
+    See the module docstring for why that thread."""
     read_fd, write_fd = os.pipe()
     try:
         process = subprocess.Popen(
