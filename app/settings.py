@@ -260,6 +260,15 @@ class Settings(BaseModel):
         le=1 << 30,
         description="Largest agent spec (its JSON, bytes) a conversation may be created with.",
     )
+    stream_buffer_events: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Events a stream subscriber may fall behind before it is dropped.",
+    )
+    stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, le=3600, description="Idle time after which a stream sends a heartbeat."
+    )
     allowed_origins: list[Annotated[str, Field(pattern=_ORIGIN)]] = Field(
         default_factory=list,
         description="Origins (scheme://host[:port]) of web pages allowed to call the API;"

@@ -51,6 +51,7 @@ from app.errors import (
 )
 from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
+from app.live.feed import LocalFeed
 from app.records import ConversationRecord, RunRecord
 from app.run_task import RunShared
 from app.settings import Settings
@@ -100,6 +101,8 @@ class RunSupervisor:
             ends=EndLedger(self._write_end),
         )
         self._desk = AdmissionDesk(self._shared, settings.max_queued_runs)
+        #: Where streams get new events: fed by the store after each commit.
+        self.feed = LocalFeed(settings.stream_buffer_events)
         self._closing = trio.Event()
 
     def __repr__(self) -> str:
@@ -124,6 +127,8 @@ class RunSupervisor:
         touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
         if touched:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
+        self.feed.open()
+        self.store.add_listener(self.feed.publish)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._admit_into, nursery)
@@ -136,6 +141,8 @@ class RunSupervisor:
                 nursery.cancel_scope.cancel()  # the retry task; every run has ended
         finally:
             self._desk.nursery = None  # admits nothing more, however serve() ended
+            self.store.remove_listener(self.feed.publish)
+            self.feed.end_all("shutdown")
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
 
@@ -198,6 +205,8 @@ class RunSupervisor:
         if grace_seconds is None:
             grace_seconds = self.settings.shutdown_grace_seconds
         stuck = await self._join(handles, grace_seconds)
+        await self.feed.flush()  # streams get every final status, then their end
+        self.feed.end_all(reason)
         if stuck:
             log.error(
                 "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
@@ -373,6 +382,8 @@ class RunSupervisor:
                 handle.stop("deleted")
             await self._join(handles, self.settings.shutdown_grace_seconds)
             await self.io(self.store.delete_conversation, conversation_id)
+            await self.feed.flush()
+            self.feed.end_conversation(conversation_id, "deleted")
             if delete_workspace:
                 root = self.settings.workspaces_path
                 await workspaces.delete_workspace(

@@ -30,7 +30,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
-from app.api import connection, conversations, events, openapi, runs, server
+from app.api import connection, conversations, events, openapi, runs, server, streams
 from app.api.errors import register_error_handlers
 from app.api.guards import install_guards
 from app.logs import log_fields
@@ -59,7 +59,7 @@ def create_app(
     app = QuartTrio("trellis", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_SORT_KEYS"] = False
-    for module in (conversations, runs, events, server, openapi):
+    for module in (conversations, runs, events, streams, server, openapi):
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
     _log_requests(app)

@@ -62,6 +62,8 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._cache = RecordCache()
         self._touched: set[str] = set()  # conversations the current write transaction changed
+        self._appended: list[Event] = []  # events the current write transaction appended
+        self._listeners: list[Callable[[list[Event]], None]] = []
         self._db = Connections(
             self.path, after_commit=self._refresh_cached, on_cache_error=self._cache.clear
         )
@@ -90,11 +92,25 @@ class SqliteStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._db.write() as connection:
             self._touched.clear()
+            self._appended.clear()
             yield connection
 
+    def add_listener(self, listener: Callable[[list[Event]], None]) -> None:
+        """Call ``listener(events)`` after every commit that appended events, in commit
+        order, with the write lock held: it must not block (hand the events off). Events
+        of a transaction that rolled back are never seen."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[list[Event]], None]) -> None:
+        self._listeners.remove(listener)
+
     def _refresh_cached(self, writer: sqlite3.Connection) -> None:
-        """After a commit (write lock held): re-read the touched conversations that are
-        cached, or drop them if they are gone."""
+        """After a commit (write lock held): tell listeners about the new events, then
+        re-read the touched conversations that are cached, or drop them if they are gone."""
+        if self._appended:
+            events = list(self._appended)
+            for listener in list(self._listeners):
+                listener(events)
         for conversation_id in self._touched:
             if conversation_id in self._cache:
                 row = queries.conversation_row(writer, conversation_id)
@@ -486,6 +502,7 @@ class SqliteStore:
                 searchable_text(payload),
             ),
         )
+        self._appended.append(event)
         return event
 
     def append_message(

@@ -1,0 +1,168 @@
+"""Where new events come from: one small protocol, like the store.
+
+A stream follows a conversation in two parts: what is already stored (read from the store)
+and what is appended from now on (this feed). The rule that makes the seam invisible:
+**subscribe first, then replay from the store, then drop what was already seen (by
+``seq``)**. An event committed during the replay arrives both ways and is shown once; none
+can fall between the two.
+
+:class:`EventFeed` is the protocol. :class:`LocalFeed` is the one-process implementation:
+the store calls :meth:`LocalFeed.publish` after each commit (in commit order, from whatever
+thread committed), and the events hop to the Trio thread, where each subscriber has a
+bounded buffer. Several nodes will put PostgreSQL LISTEN/NOTIFY behind the same protocol.
+
+A subscriber that does not keep up never slows a run or another subscriber: publishing
+never waits. When its buffer is full it is *dropped* — its stream ends with the reason
+``slow_consumer`` and the client resumes from its last ``seq``.
+
+Ownership: the supervisor opens its feed (:meth:`LocalFeed.open`, on the Trio thread) when
+it starts serving, and closes it after the drain, which ends every stream with ``shutdown``
+once the final statuses were delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from app.events import Event
+
+log = logging.getLogger("trellis.live")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item a subscription receives: why its stream ends (``deleted``,
+    ``shutdown``, ``slow_consumer``)."""
+
+    reason: str
+
+
+class Subscription:
+    """New events of one conversation, in ``seq`` order, then a :class:`StreamEnd`.
+
+    Trio thread only. Close it when done (``with`` block): it leaves the feed.
+    """
+
+    def __init__(self, feed: LocalFeed, conversation_id: str, buffer_events: int) -> None:
+        self.conversation_id = conversation_id
+        self._feed = feed
+        # One extra slot, so that the end can always be queued after a full buffer.
+        self._send, self._receive = trio.open_memory_channel[Event | StreamEnd](buffer_events + 1)
+        self._capacity = buffer_events
+        self.ended: StreamEnd | None = None
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def receive(self) -> Event | StreamEnd:
+        """The next event, or the end. After the end, the end again."""
+        if self.ended is not None and self._receive.statistics().current_buffer_used == 0:
+            return self.ended
+        return await self._receive.receive()
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` (Trio thread); past the buffer's bound, end the subscription."""
+        if self.ended is not None:
+            return
+        if self._receive.statistics().current_buffer_used >= self._capacity:
+            self.end(StreamEnd("slow_consumer"))
+            return
+        self._send.send_nowait(event)
+
+    def end(self, end: StreamEnd) -> None:
+        """Queue the end after what is buffered; nothing is delivered after it."""
+        if self.ended is None:
+            self.ended = end
+            self._send.send_nowait(end)
+            self._feed.forget(self)
+
+    def close(self) -> None:
+        self._feed.forget(self)
+        self._send.close()
+
+
+class EventFeed(Protocol):
+    """Where new events come from."""
+
+    def subscribe(self, conversation_id: str) -> Subscription: ...
+    def publish(self, events: list[Event]) -> None:
+        """From any thread, right after the commit that appended ``events``."""
+        ...
+
+    def end_conversation(self, conversation_id: str, reason: str) -> None: ...
+    def end_all(self, reason: str) -> None: ...
+
+
+class LocalFeed:
+    """The in-process :class:`EventFeed` (see the module docstring)."""
+
+    def __init__(self, buffer_events: int = 1000) -> None:
+        self.buffer_events = buffer_events
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def __len__(self) -> int:
+        """Subscriptions open right now."""
+        return sum(len(subs) for subs in self._subscribers.values())
+
+    def open(self) -> None:
+        """Start taking events (call on the Trio thread that will deliver them)."""
+        self._token = trio.lowlevel.current_trio_token()
+
+    def subscribe(self, conversation_id: str) -> Subscription:
+        subscription = Subscription(self, conversation_id, self.buffer_events)
+        self._subscribers.setdefault(conversation_id, set()).add(subscription)
+        return subscription
+
+    def forget(self, subscription: Subscription) -> None:
+        subs = self._subscribers.get(subscription.conversation_id)
+        if subs is not None:
+            subs.discard(subscription)
+            if not subs:
+                del self._subscribers[subscription.conversation_id]
+
+    def publish(self, events: list[Event]) -> None:
+        """Hand ``events`` to the Trio thread; never blocks (the store's write lock is held)."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._deliver, events)
+        except trio.RunFinishedError:
+            self._token = None
+
+    def _deliver(self, events: Sequence[Event]) -> None:
+        for event in events:
+            for subscription in list(self._subscribers.get(event.conversation_id, ())):
+                subscription.deliver(event)
+
+    def end_conversation(self, conversation_id: str, reason: str) -> None:
+        """End the conversation's streams after what they have buffered (e.g. ``deleted``).
+
+        Events still on their way from another thread are not waited for: call
+        :meth:`flush` first when they must be delivered before the end."""
+        for subscription in list(self._subscribers.get(conversation_id, ())):
+            subscription.end(StreamEnd(reason))
+
+    def end_all(self, reason: str) -> None:
+        for subs in list(self._subscribers.values()):
+            for subscription in list(subs):
+                subscription.end(StreamEnd(reason))
+
+    async def flush(self) -> None:
+        """Return once every event published before this call has been delivered (the
+        hops are FIFO: a hop queued now runs after them)."""
+        token = self._token
+        if token is None:
+            return
+        done = trio.Event()
+        token.run_sync_soon(done.set)
+        await done.wait()
