@@ -32,7 +32,7 @@ from app.api import http
 from app.api.http import parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import _Strict
-from app.errors import InvalidInput
+from app.errors import InvalidInput, NotFound
 from app.events import EVENT_KINDS, Event
 from app.live.feed import StreamEnd, Subscription
 from app.store.base import INT64_MAX, EventQuery
@@ -73,8 +73,7 @@ async def stream_events(conversation_id: str) -> Response:
     after = max(query.after_seq or 0, _last_event_id())
     kinds = frozenset(query.kinds.split(",")) if query.kinds else None
     await http.get_conversation(sup, conversation_id)  # 404 before the stream starts
-    subscription = sup.feed.subscribe(conversation_id)  # first: nothing can slip between
-    body = _events(sup, subscription, after, kinds)
+    body = _events(sup, conversation_id, after, kinds)
     response = Response(body, content_type="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.timeout = None  # Quart's 60 s response timeout would cut the stream
@@ -94,36 +93,65 @@ def _last_event_id() -> int:
 
 
 async def _events(
-    sup: RunSupervisor, subscription: Subscription, after: int, kinds: frozenset[str] | None
+    sup: RunSupervisor, conversation_id: str, after: int, kinds: frozenset[str] | None
 ) -> AsyncGenerator[bytes, None]:
-    with subscription:
-        last = after
-        async with aclosing(_stored(sup, subscription.conversation_id, last, None)) as stored:
-            async for event in stored:
-                last = event.seq
-                if kinds is None or event.payload.kind in kinds:
-                    yield _frame(event)
+    """The stream's body. It subscribes when sending begins (a response never sent leaves
+    no subscription behind), before it replays: nothing can slip between the two."""
+    with sup.feed.subscribe(conversation_id) as subscription:
+        follow = _follow(sup, subscription, _Position(after), kinds)
+        async with aclosing(follow) as frames:
+            async for frame in frames:
+                yield frame
+
+
+class _Position:
+    """The seq of the last event the stream sent (or skipped by its filter)."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+
+async def _follow(
+    sup: RunSupervisor,
+    subscription: Subscription,
+    last: _Position,
+    kinds: frozenset[str] | None,
+) -> AsyncGenerator[bytes, None]:
+    """Replay, then follow the feed; ends with an ``end`` frame."""
+    try:
+        async with aclosing(_stored(sup, subscription.conversation_id, last.seq, None)) as old:
+            async for event in old:
+                for frame in _send(event, last, kinds):
+                    yield frame
         heartbeat = sup.settings.stream_heartbeat_seconds
         while True:
             with trio.move_on_after(heartbeat) as idle:
                 item = await subscription.receive()
             if idle.cancelled_caught:
                 yield b": heartbeat\n\n"
-                continue
-            if isinstance(item, StreamEnd):
-                yield _end(item.reason, last)
+            elif isinstance(item, StreamEnd):
+                yield _end(item.reason, last.seq)
                 return
-            if item.seq <= last:
-                continue  # already sent by the replay
-            events = [item]
-            if item.seq > last + 1:  # never expected: read what the feed skipped
-                async with aclosing(_stored(sup, item.conversation_id, last, item.seq)) as gap:
-                    events = [event async for event in gap]
-                events.append(item)
-            for event in events:
-                last = event.seq
-                if kinds is None or event.payload.kind in kinds:
-                    yield _frame(event)
+            elif item.seq > last.seq + 1:  # never expected: read what the feed skipped
+                gap = _stored(sup, item.conversation_id, last.seq, item.seq)
+                async with aclosing(gap) as missed:
+                    events = [event async for event in missed]
+                for event in [*events, item]:
+                    for frame in _send(event, last, kinds):
+                        yield frame
+            else:  # the next one, or one the replay already sent (dropped by _send)
+                for frame in _send(item, last, kinds):
+                    yield frame
+    except NotFound:  # deleted while the stream read from the store
+        yield _end("deleted", last.seq)
+
+
+def _send(event: Event, last: _Position, kinds: frozenset[str] | None) -> list[bytes]:
+    """The frame for ``event`` if it is new and wanted; advances ``last`` past it."""
+    if event.seq <= last.seq:
+        return []
+    last.seq = event.seq
+    return [_frame(event)] if kinds is None or event.payload.kind in kinds else []
 
 
 async def _stored(
