@@ -88,6 +88,7 @@ async def create_conversation() -> Response:
         if admission is not None:
             fields = dataclasses.replace(new, run=NewRun(admission.run_id, admission.reason))
 
+        @idempotency.RenderOnce
         def render(record: ConversationRecord) -> Answer:
             if admission is not None and record.run is not None:
                 record = record.model_copy(update={"run": admission.present(record.run)})
@@ -164,6 +165,7 @@ async def post_message(conversation_id: str) -> Response:
     payload = MessagePayload(text=body.content)
 
     def write(admission: Admission | None) -> tuple[MessageWritten, Answer]:
+        @idempotency.RenderOnce
         def render(written: MessageWritten) -> Answer:
             run = written.run
             if run is not None and admission is not None:

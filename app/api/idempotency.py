@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import pydantic_core
 from quart import Response, request
@@ -13,6 +14,8 @@ from quart import Response, request
 from app.errors import BadRequest
 from app.store.idempotency import Answer, Replayed
 from app.supervisor import RunSupervisor
+
+R = TypeVar("R")
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 200
@@ -42,6 +45,20 @@ async def replay_if_known(sup: RunSupervisor, key: tuple[str, str] | None) -> No
     """
     if key is not None:
         await sup.io(sup.store.check_idempotency_key, *key)
+
+
+class RenderOnce(Generic[R]):
+    """A write's answer, rendered once: inside the transaction when a key stores it, and
+    then reused for the response instead of serializing the same result again."""
+
+    def __init__(self, render: Callable[[R], Answer]) -> None:
+        self._render = render
+        self._answer: Answer | None = None
+
+    def __call__(self, result: R) -> Answer:
+        if self._answer is None:
+            self._answer = self._render(result)
+        return self._answer
 
 
 def answer(data: Any, status: int, headers: dict[str, str] | None = None) -> Answer:

@@ -32,6 +32,7 @@ async def start_run(conversation_id: str) -> Response:
     await idempotency.replay_if_known(sup, key)
 
     def write(admission: Admission) -> tuple[RunRecord, ConversationRecord, Answer]:
+        @idempotency.RenderOnce
         def render(run: RunRecord) -> Answer:
             location = {"Location": f"/api/conversations/{conversation_id}/runs/{run.id}"}
             return idempotency.answer(admission.present(run), 202, location)

@@ -3,26 +3,12 @@ environment, merged key by key like every other table."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from app.settings import SettingsError, load_settings
-
-
-@pytest.fixture(autouse=True)
-def no_trellis_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hide any TRELLIS_* variable of the developer's shell."""
-    for name in list(os.environ):
-        if name.startswith("TRELLIS_"):
-            monkeypatch.delenv(name)
-
-
-def write_toml(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "trellis.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+from tests.test_settings import no_trellis_environ, write_toml  # noqa: F401 - autouse fixture
 
 
 def test_providers_settings_toml_tables_and_environment_merge_per_key(tmp_path: Path) -> None:
