@@ -34,7 +34,7 @@ from app.api.openapi import documented
 from app.api.schemas import _Strict
 from app.errors import InvalidInput, NotFound
 from app.events import EVENT_KINDS, Event
-from app.live.feed import StreamEnd, Subscription
+from app.live.feed import Delta, StreamEnd, Subscription
 from app.store.base import INT64_MAX, EventQuery
 from app.supervisor import RunSupervisor
 
@@ -132,6 +132,8 @@ async def _follow(
             elif isinstance(item, StreamEnd):
                 yield _end(item.reason, last.seq)
                 return
+            elif isinstance(item, Delta):
+                continue  # not rendered yet
             elif item.seq > last.seq + 1:  # never expected: read what the feed skipped
                 gap = _stored(sup, item.conversation_id, last.seq, item.seq)
                 async with aclosing(gap) as missed:

@@ -15,6 +15,11 @@ A subscriber that does not keep up never slows a run or another subscriber: publ
 never waits. When its buffer is full it is *dropped* — its stream ends with the reason
 ``slow_consumer`` and the client resumes from its last ``seq``.
 
+Token deltas ride the same feed: :meth:`LocalFeed.publish_delta` hands a :class:`Delta` (a
+fragment of text an agent is producing, not stored, without a ``seq``) to the conversation's
+subscribers, in order with its events. A stream that was not connected when a delta passed
+never sees it; the complete message arrives as a stored event all the same.
+
 Ownership: the supervisor opens its feed (:meth:`LocalFeed.open`, on the Trio thread) when
 it starts serving, and closes it after the drain, which ends every stream with ``shutdown``
 once the final statuses were delivered.
@@ -42,8 +47,22 @@ class StreamEnd:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A fragment of text an agent is producing right now (e.g. a model's tokens).
+
+    Ephemeral: not stored and without a ``seq``. ``after_seq`` is the seq of the last event
+    the run had committed when the fragment was produced (0 when unknown); the message the
+    fragments make up is stored later as an ordinary event."""
+
+    conversation_id: str
+    run_id: str
+    text: str
+    after_seq: int = 0
+
+
 class Subscription:
-    """New events of one conversation, in ``seq`` order, then a :class:`StreamEnd`.
+    """New events (and deltas) of one conversation, in ``seq`` order, then a :class:`StreamEnd`.
 
     Trio thread only. Close it when done (``with`` block): it leaves the feed.
     """
@@ -52,7 +71,9 @@ class Subscription:
         self.conversation_id = conversation_id
         self._feed = feed
         # One extra slot, so that the end can always be queued after a full buffer.
-        self._send, self._receive = trio.open_memory_channel[Event | StreamEnd](buffer_events + 1)
+        self._send, self._receive = trio.open_memory_channel[Event | Delta | StreamEnd](
+            buffer_events + 1
+        )
         self._capacity = buffer_events
         self.ended: StreamEnd | None = None
 
@@ -62,13 +83,13 @@ class Subscription:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    async def receive(self) -> Event | StreamEnd:
-        """The next event, or the end. After the end, the end again."""
+    async def receive(self) -> Event | Delta | StreamEnd:
+        """The next event or delta, or the end. After the end, the end again."""
         if self.ended is not None and self._receive.statistics().current_buffer_used == 0:
             return self.ended
         return await self._receive.receive()
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: Event | Delta) -> None:
         """Queue ``event`` (Trio thread); past the buffer's bound, end the subscription."""
         if self.ended is not None:
             return
@@ -95,6 +116,10 @@ class EventFeed(Protocol):
     def subscribe(self, conversation_id: str) -> Subscription: ...
     def publish(self, events: list[Event]) -> None:
         """From any thread, right after the commit that appended ``events``."""
+        ...
+
+    def publish_delta(self, delta: Delta) -> None:
+        """From any thread: a fragment of text for the live subscribers only."""
         ...
 
     def end_conversation(self, conversation_id: str, reason: str) -> None: ...
@@ -129,7 +154,7 @@ class LocalFeed:
             if not subs:
                 del self._subscribers[subscription.conversation_id]
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: Sequence[Event | Delta]) -> None:
         """Hand ``events`` to the Trio thread; never blocks (the store's write lock is held)."""
         token = self._token
         if token is None:
@@ -139,10 +164,15 @@ class LocalFeed:
         except trio.RunFinishedError:
             self._token = None
 
-    def _deliver(self, events: Sequence[Event]) -> None:
-        for event in events:
-            for subscription in list(self._subscribers.get(event.conversation_id, ())):
-                subscription.deliver(event)
+    def publish_delta(self, delta: Delta) -> None:
+        """Hand ``delta`` to the Trio thread (never blocks); dropped when nobody listens."""
+        if delta.conversation_id in self._subscribers:  # a racy peek is fine: best effort
+            self.publish([delta])
+
+    def _deliver(self, items: Sequence[Event | Delta]) -> None:
+        for item in items:
+            for subscription in list(self._subscribers.get(item.conversation_id, ())):
+                subscription.deliver(item)
 
     def end_conversation(self, conversation_id: str, reason: str) -> None:
         """End the conversation's streams after what they have buffered (e.g. ``deleted``).
