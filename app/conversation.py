@@ -39,6 +39,7 @@ from app.events import (
     Source,
 )
 from app.lifecycle import Trigger
+from app.live.feed import Delta
 from app.redact import redact
 from app.store.base import EventQuery, EventStore
 from app.tools.base import ToolEnvironment, ToolResult
@@ -46,6 +47,10 @@ from app.tools.calls import ToolCall, ToolRegistry, execute_calls
 from app.tools.parallel import run_in_tool_threads
 
 T = TypeVar("T")
+
+#: ``listener(conversation_id, run_id, steps)``, called by the run thread after each
+#: completed step (recorded first); it must not block (hand the news to the Trio thread).
+StepListener = Callable[[str, str, int], None]
 
 
 #: The observation recorded for each call of a batch the run was stopped in.
@@ -87,6 +92,11 @@ class RunContext:
     tools: ToolRegistry
     tool_env: ToolEnvironment
     state: dict[str, Any] = field(default_factory=dict)
+    on_step: StepListener | None = None
+    #: Where :meth:`delta` sends fragments (the supervisor's feed; None: nowhere).
+    publish_delta: Callable[[Delta], None] | None = None
+    #: The seq of the last event this run committed or read (0: none yet).
+    last_seq: int = 0
 
     def history(self, after_seq: int = 0) -> list[Event]:
         events: list[Event] = []
@@ -97,11 +107,18 @@ class RunContext:
             )
             events.extend(page.items)
             if page.next_seq is None:
+                self.last_seq = max(self.last_seq, events[-1].seq if events else 0)
                 return events
             after = page.next_seq
 
     def emit(self, payload: Payload, source: Source = Source.AGENT) -> Event:
-        return self.store.append_event(self.conversation_id, self.run_id, source, payload)
+        event = self.store.append_event(self.conversation_id, self.run_id, source, payload)
+        self.last_seq = max(self.last_seq, event.seq)
+        return event
+
+    def delta(self, text: str) -> None:
+        if self.publish_delta is not None and text:
+            self.publish_delta(Delta(self.conversation_id, self.run_id, text, self.last_seq))
 
     def sleep(self, seconds: float) -> None:
         trio.from_thread.run(trio.sleep, seconds)
@@ -223,6 +240,8 @@ def _loop(ctx: RunContext, agent: Agent) -> None:
         steps += 1
         ctx.control.steps = steps
         ctx.store.save_progress(ctx.run_id, steps=steps, agent_state=ctx.state)
+        if ctx.on_step is not None:
+            ctx.on_step(ctx.conversation_id, ctx.run_id, steps)
         if result.done:
             _end(ctx, Trigger.FINISH, "agent_finished")
             return

@@ -84,13 +84,30 @@ class LLMCallPayload(BaseModel):
     finish_reason: str | None = None
 
 
+class WebhookPayload(BaseModel):
+    """The final outcome of one webhook delivery for the run named by ``Event.run_id``:
+    ``delivered`` (a 2xx answer) or ``failed`` (a final refusal, the attempts ran out, the
+    queue was full, or the server shut down), after ``attempts`` POSTs (0: never sent).
+    One event per delivery, not per attempt (see ``app/live/webhooks.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["webhook"] = "webhook"
+    delivery_id: str
+    url: str
+    attempts: int
+    status_code: int | None = None
+    outcome: Literal["delivered", "failed"]
+    error: str | None = None
+
+
 Payload = Annotated[
     MessagePayload
     | StatusPayload
     | ErrorPayload
     | ActionPayload
     | ObservationPayload
-    | LLMCallPayload,
+    | LLMCallPayload
+    | WebhookPayload,
     Field(discriminator="kind"),
 ]
 
@@ -133,6 +150,8 @@ def searchable_text(payload: Payload) -> str:
             return f"{tool} {content}"
         case LLMCallPayload(model=model, finish_reason=finish_reason):
             return f"{model} {finish_reason or ''}"
+        case WebhookPayload(url=url, outcome=outcome, status_code=code, error=error):
+            return f"webhook {outcome} {code or ''} {url} {error or ''}"
     raise TypeError(f"no search text for {type(payload).__name__}")  # pragma: no cover
 
 

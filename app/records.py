@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.lifecycle import Status
 
@@ -57,10 +57,19 @@ class _Conversation(BaseModel):
     run: RunRecord | None
 
 
+class Webhook(BaseModel):
+    """Where the server POSTs when each of a conversation's runs ends (signed; see
+    ``app/live/webhooks.py``). Given at creation; only URLs the operator allows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    url: str = Field(min_length=1, max_length=2000)
+
+
 class ConversationRecord(_Conversation):
     """A conversation with its latest run (``run``), or ``None`` before the first one."""
 
     agent: dict[str, Any]
+    webhook: Webhook | None = None
 
 
 class ConversationSummary(_Conversation):

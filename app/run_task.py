@@ -35,11 +35,13 @@ from typing import Any, TypeVar
 import trio
 
 from app.agents.registry import AgentRegistry
-from app.conversation import RunContext, is_cancellation, run_conversation
+from app.conversation import RunContext, StepListener, is_cancellation, run_conversation
 from app.end_ledger import EndLedger
 from app.handles import ActiveRuns, RunHandle
 from app.lifecycle import Trigger
+from app.live.feed import EventFeed
 from app.logs import log_fields
+from app.metrics import Metrics
 from app.records import ConversationRecord
 from app.settings import Settings
 from app.slot_line import SlotLine
@@ -69,6 +71,11 @@ class RunShared:
     line: SlotLine
     runs: ActiveRuns
     ends: EndLedger
+    metrics: Metrics
+    #: Called from the run thread after each completed step (must not block).
+    on_step: StepListener | None = None
+    #: Where runs publish their live text fragments (``StepContext.delta``); None: nowhere.
+    feed: EventFeed | None = None
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
@@ -89,11 +96,14 @@ async def run_admitted(
     siblings. ``trio.Cancelled`` propagates once the end is recorded.
     """
     admitted = time.monotonic()
+    seated = admitted
     failure: BaseException | None = None
     hosted = False
     try:
         with handle.cancel_scope:
             await _wait_for_turn(handle, shared)
+            seated = time.monotonic()
+            shared.metrics.run_seated(seated - admitted)
             ctx = run_context(handle, conversation, shared)
             _log_start(handle, admitted)
             hosted = True
@@ -104,8 +114,11 @@ async def run_admitted(
         with trio.CancelScope(shield=True):
             if not hosted:
                 shared.line.release(handle)  # seated, cancelled before its thread started
+                shared.metrics.forget_stop(handle.run_id)
             await _record_end_if_missing(handle, failure, shared)
             unregister(handle, shared)
+            if hosted:
+                shared.metrics.run_ended(handle.control.ended_as, time.monotonic() - seated)
             _log_end(handle, admitted)
 
 
@@ -138,6 +151,8 @@ def run_context(
         control=handle.control,
         tools=shared.tools,
         tool_env=tool_env,
+        on_step=shared.on_step,
+        publish_delta=shared.feed.publish_delta if shared.feed is not None else None,
     )
 
 
@@ -183,8 +198,10 @@ async def _record_end_if_missing(
 async def _wait_for_turn(handle: RunHandle, shared: RunShared) -> None:
     if handle.previous is not None:
         await handle.previous.done.wait()
-        await shared.io(shared.store.activate_run, handle.run_id, reason="enqueued_run")
+        # Its place in the line first, so that the status event the activation commits is
+        # seen with the run's queue position (the server-wide stream reports it).
         shared.line.admit(handle)
+        await shared.io(shared.store.activate_run, handle.run_id, reason="enqueued_run")
     await shared.line.wait_until_seated(handle)
 
 
@@ -234,6 +251,7 @@ async def _host_thread(
         raised.append(exc)
     finally:
         shared.line.release(handle)
+        shared.metrics.thread_returned(handle.run_id)
         returned.set()
 
 

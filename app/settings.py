@@ -22,7 +22,8 @@ TOKEN, SECRET or PASSWORD). Settings hold no API key: a provider's key is read f
 environment *by name* (``llm.api_key_env``, ``llm.providers.NAME.api_key_env``) once, at
 start-up, and removed from it (:func:`app.redact.take_secret`). A password in a provider's
 ``base_url`` is masked whenever settings are shown as JSON, which is what lets
-``GET /api/server`` show every setting.
+``GET /api/server`` show every setting. The one secret setting, ``webhook_secret`` (a key
+the server signs with, not one it sends), is left out of ``repr`` and shown as ``***``.
 
 Errors:
     :class:`SettingsError` (a ``ValueError``), one ``; ``-separated line naming every
@@ -48,7 +49,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.redact import mask_url
+from app.redact import MASK, mask_url
 from app.settings_sources import (
     SettingsError,
     describe_errors,
@@ -80,6 +81,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 # (or IP address) without port.
 _ORIGIN = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
 _HOST_NAME = r"^[A-Za-z0-9.-]+$|^\[[0-9A-Fa-f:.]+\]$"
+# webhook_allowed_urls entries: scheme://host[:port] and, optionally, a path.
+_WEBHOOK_PREFIX = r"^https?://[^\s@/?#]+(/[^\s?#]*)?$"
 LogFormat = Literal["text", "json"]
 SandboxSetting = Literal["auto", "bwrap", "none"]
 
@@ -269,6 +272,13 @@ class Settings(BaseModel):
     stream_heartbeat_seconds: float = Field(
         15.0, gt=0, le=3600, description="Idle time after which a stream sends a heartbeat."
     )
+    server_stream_retain_events: int = Field(
+        10_000,
+        ge=0,
+        le=10_000_000,
+        description="Frames of the server-wide stream kept for clients that resume; one that"
+        " missed more gets a snapshot instead.",
+    )
     allowed_origins: list[Annotated[str, Field(pattern=_ORIGIN)]] = Field(
         default_factory=list,
         description="Origins (scheme://host[:port]) of web pages allowed to call the API;"
@@ -279,6 +289,28 @@ class Settings(BaseModel):
         description="Names the Host header may carry besides loopback names and the bound"
         " address (any other is 421: DNS rebinding).",
     )
+    webhook_allowed_urls: list[Annotated[str, Field(pattern=_WEBHOOK_PREFIX)]] = Field(
+        default_factory=list,
+        description="URL prefixes a conversation's webhook URL must start with (at a / ? or"
+        " # boundary); empty: webhooks are refused (422).",
+    )
+    webhook_secret: str = Field(
+        "",
+        repr=False,
+        max_length=1024,
+        description="Key of the HMAC-SHA256 Trellis-Signature on webhook POSTs; empty:"
+        " webhooks are refused (422). Shown masked; set it with TRELLIS_WEBHOOK_SECRET"
+        " (a flag is visible in ps).",
+    )
+    webhook_max_attempts: int = Field(
+        5, ge=1, le=20, description="POSTs per webhook delivery (retries on 5xx, 429, timeouts)."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Time limit of one webhook POST, answer included."
+    )
+    webhook_backoff_base_seconds: float = Field(
+        1.0, ge=0, le=60, description="First webhook retry delay; doubles each retry, jittered."
+    )
     log_level: LogLevel = Field("info", description="Least severe log level written.")
     log_format: LogFormat = Field(
         "text", description="Log lines on stderr: text for people, json for log shippers."
@@ -287,6 +319,10 @@ class Settings(BaseModel):
         default_factory=LLMSettings,
         description="Model providers of the llm agent kind: [llm] is the default one.",
     )
+
+    @field_serializer("webhook_secret", when_used="json")
+    def _masked_webhook_secret(self, secret: str) -> str:
+        return MASK if secret else ""
 
     @property
     def database_path(self) -> Path:

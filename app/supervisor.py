@@ -11,6 +11,7 @@ Ownership::
 
     RunSupervisor.serve()            one nursery for every run task; lives as long as the
     ├── EndLedger retry task         app (or the ``open_run_supervisor`` block)
+    ├── WebhookDispatcher.serve      live/webhooks.py: POSTs run ends; closed by drain()
     └── run_admitted(handle)         run_task.py: waits, runs, always records the end
         └── (system task) hosts to_thread: run_conversation(ctx)   one run thread
             └── to_thread (tool limiter): tool calls
@@ -52,6 +53,9 @@ from app.errors import (
 from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.live.feed import LocalFeed
+from app.live.server_feed import ServerFeed
+from app.live.webhooks import WebhookDispatcher
+from app.metrics import Metrics
 from app.records import ConversationRecord, RunRecord
 from app.run_task import RunShared
 from app.settings import Settings
@@ -88,6 +92,19 @@ class RunSupervisor:
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
         self._runs = ActiveRuns()
         self._line = SlotLine(self.run_limiter)
+        #: Counters, histograms and live gauges for ``GET /metrics`` (a registry of its own).
+        self.metrics = Metrics()
+        #: The server-wide stream's feed: status changes, limits, conversations, steps.
+        self.server_feed = ServerFeed(
+            self,
+            buffer_events=settings.stream_buffer_events,
+            retain_events=settings.server_stream_retain_events,
+        )
+        #: Where streams get new events (fed by the store after each commit) and the runs'
+        #: live text fragments.
+        self.feed = LocalFeed(settings.stream_buffer_events)
+        #: POSTs to a conversation's webhook when each of its runs ends (store listener).
+        self.webhooks = WebhookDispatcher(settings, store, self.io)
         self._shared = RunShared(
             settings=settings,
             registry=self.registry,
@@ -99,10 +116,12 @@ class RunSupervisor:
             line=self._line,
             runs=self._runs,
             ends=EndLedger(self._write_end),
+            metrics=self.metrics,
+            on_step=self.server_feed.publish_step,
+            feed=self.feed,
         )
         self._desk = AdmissionDesk(self._shared, settings.max_queued_runs)
-        #: Where streams get new events: fed by the store after each commit.
-        self.feed = LocalFeed(settings.stream_buffer_events)
+        self.metrics.collect_live(self)
         self._closing = trio.Event()
 
     def __repr__(self) -> str:
@@ -129,9 +148,13 @@ class RunSupervisor:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
         self.feed.open()
         self.store.add_listener(self.feed.publish)
+        self.store.add_listener(self.webhooks.listen)
+        self.store.add_listener(self.metrics.events_appended)
+        self.server_feed.open(self.store)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._admit_into, nursery)
+                await nursery.start(self.webhooks.serve)
                 nursery.start_soon(self._shared.ends.retry_until_closed)
                 if self.settings.resume_on_start:
                     await self._resume(touched)
@@ -142,7 +165,10 @@ class RunSupervisor:
         finally:
             self._desk.nursery = None  # admits nothing more, however serve() ended
             self.store.remove_listener(self.feed.publish)
+            self.store.remove_listener(self.webhooks.listen)
+            self.store.remove_listener(self.metrics.events_appended)
             self.feed.end_all("shutdown")
+            self.server_feed.close(self.store)
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
 
@@ -197,6 +223,7 @@ class RunSupervisor:
         and every run thread has returned — or, for threads that ignore cancellation past
         ``grace_seconds`` (default: ``shutdown_grace_seconds``), once their runs were
         recorded without them. Returns how many runs were abandoned that way (0 normally).
+        Webhooks still being delivered get what is left of the same grace period.
         """
         self._desk.draining = True
         handles = list(self._runs)
@@ -204,9 +231,12 @@ class RunSupervisor:
             handle.stop(reason)
         if grace_seconds is None:
             grace_seconds = self.settings.shutdown_grace_seconds
+        deadline = trio.current_time() + grace_seconds
         stuck = await self._join(handles, grace_seconds)
         await self.feed.flush()  # streams get every final status, then their end
         self.feed.end_all(reason)
+        self.server_feed.end_all(reason)  # its hops share the flushed FIFO
+        await self.webhooks.aclose(deadline)  # the final statuses' webhooks, bounded
         if stuck:
             log.error(
                 "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
@@ -326,6 +356,7 @@ class RunSupervisor:
         """
         current, *later = self._runs_of(conversation_id, action="pause")
         current.control.pause_requested = True
+        self.metrics.stop_requested([current, *later], "pause")
         stopped = later if current.holds_slot else [current, *later]
         for handle in stopped:
             handle.stop("pause")
@@ -349,6 +380,7 @@ class RunSupervisor:
             :class:`~app.errors.IllegalTransition` (409) when nothing is active.
         """
         handles = self._runs_of(conversation_id, action="interrupt")
+        self.metrics.stop_requested(handles, "interrupt")
         for handle in handles:
             handle.stop("interrupt")
         with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
@@ -382,8 +414,10 @@ class RunSupervisor:
                 handle.stop("deleted")
             await self._join(handles, self.settings.shutdown_grace_seconds)
             await self.io(self.store.delete_conversation, conversation_id)
+            self.webhooks.forget(conversation_id)  # its pending deliveries: dropped
             await self.feed.flush()
             self.feed.end_conversation(conversation_id, "deleted")
+            self.server_feed.conversation_changed(conversation_id, "deleted")
             if delete_workspace:
                 root = self.settings.workspaces_path
                 await workspaces.delete_workspace(
@@ -462,6 +496,7 @@ class RunSupervisor:
             self._line.fill()
         if max_queued_runs is not None:
             self._desk.max_queued_runs = max_queued_runs
+        self.server_feed.limits_changed()
 
     def statistics(self) -> SupervisorStatistics:
         io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()

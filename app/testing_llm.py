@@ -18,6 +18,25 @@ byte at a time, and :func:`oversized_reply` streams a body of any size (generate
 sent, without ``Content-Length``). ``body_bytes_sent`` says how much of each answer's body
 went out before the client stopped reading.
 
+Streams: a request with ``"stream": true`` gets a scripted completion (``text_reply``,
+``tool_call_reply``, any 200 whose body has ``choices[0].message``) as OpenAI sends it:
+``text/event-stream`` in chunked encoding (keep-alive), a role chunk, the content in
+word-piece chunks (at most 5 characters of a word each, so a long word — or an API key —
+spans several), each tool call as a chunk with its ``index``, ``id`` and ``name`` then its
+``arguments`` in three pieces, a chunk with the ``finish_reason``, a ``usage`` chunk if
+``stream_options.include_usage`` asked for it, and ``data: [DONE]``
+(:func:`stream_chunks`). ``FakeChatServer(streaming=False)`` is a provider that cannot
+stream: it answers every request with plain JSON. For stream requests, the other cases:
+
+* errors (``error_reply``) and 200 bodies that are not completions: plain JSON, as ever;
+* ``drip_seconds``: the stream's bytes, one at a time;
+* :func:`oversized_reply`: an endless-looking stream of content chunks, as large as asked;
+* ``hold=StreamHold(after_chunks=n)``: the server sends ``n`` chunks, says so
+  (``await hold.wait_reached()``), and sends the rest once the test calls
+  ``hold.release()`` (closing the server drops the connection instead);
+* ``cut_after_chunks=n``: the server sends ``n`` chunks, then drops the connection in the
+  middle of the body, as a provider (or a proxy) failing mid-stream does.
+
 Like every real provider, the server refuses (400, without using up a scripted reply) a
 request whose ``messages`` leave a tool call unanswered or answer a call nobody made:
 :func:`message_sequence_error` says what is wrong. ``FakeChatServer(check_messages=False)``
@@ -33,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import selectors
 import socket
 import threading
@@ -43,7 +63,43 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import trio
+
 JsonObject = dict[str, Any]
+
+
+class StreamHold:
+    """Where a streamed answer stops until the test lets it go (see the module docstring).
+
+    ``reached`` is set once ``after_chunks`` chunks were written to the socket.
+    """
+
+    def __init__(self, after_chunks: int) -> None:
+        self.after_chunks = after_chunks
+        self.reached = threading.Event()
+        self._released = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "reached" if self.reached.is_set() else "ahead"
+        return f"<StreamHold after {self.after_chunks} chunks, {state}>"
+
+    @property
+    def released(self) -> bool:
+        return self._released.is_set()
+
+    def release(self) -> None:
+        """Let the rest of the stream go (the server also releases it when closing)."""
+        self._released.set()
+
+    async def wait_reached(self) -> None:
+        """Wait (from Trio, in a thread on a limiter of its own) until the hold is reached."""
+        await trio.to_thread.run_sync(
+            self.reached.wait, limiter=trio.CapacityLimiter(1), abandon_on_cancel=True
+        )
+
+    def wait_released(self) -> None:
+        """Block (the server's handler thread) until :meth:`release`."""
+        self._released.wait()
 
 
 @dataclass(frozen=True)
@@ -52,7 +108,8 @@ class ScriptedReply:
 
     ``drip_seconds``: the headers go out at once, then the body one byte at a time, this
     long apart. ``streamed_bytes``: instead of ``body``, a body this large is generated
-    while it is sent (see :func:`oversized_reply`).
+    while it is sent (see :func:`oversized_reply`). ``hold`` and ``cut_after_chunks``
+    apply when the answer is streamed (see the module docstring).
     """
 
     status: int
@@ -61,6 +118,8 @@ class ScriptedReply:
     delay_seconds: float = 0.0
     drip_seconds: float = 0.0
     streamed_bytes: int = 0
+    hold: StreamHold | None = None
+    cut_after_chunks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,11 +236,46 @@ def _completion(
     return ScriptedReply(200, body, delay_seconds=delay_seconds)
 
 
+def stream_chunks(completion: JsonObject, *, include_usage: bool = True) -> list[JsonObject]:
+    """The chunks an OpenAI-compatible provider streams ``completion`` (a non-streamed
+    ``chat.completion`` body) as, in order; ``data: [DONE]`` follows them."""
+    head = {
+        "id": completion.get("id", "chatcmpl-fake"),
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": completion.get("model"),
+    }
+    choice = completion["choices"][0]
+
+    def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    message = choice["message"]
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"content": piece}) for piece in _WORD_PIECE.findall(message["content"] or "")]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        start = {"index": index, "id": call["id"], "type": "function"}
+        chunks.append(
+            chunk({"tool_calls": [{**start, "function": {"name": name, "arguments": ""}}]})
+        )
+        third = max(1, -(-len(arguments) // 3))
+        for at in range(0, len(arguments), third):
+            piece = {"index": index, "function": {"arguments": arguments[at : at + third]}}
+            chunks.append(chunk({"tool_calls": [piece]}))
+    chunks.append(chunk({}, choice.get("finish_reason")))
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": completion.get("usage")})
+    return chunks
+
+
 class FakeChatServer:
     """``POST /v1/chat/completions`` answered from a FIFO script; every request recorded."""
 
-    def __init__(self, *, check_messages: bool = True) -> None:
+    def __init__(self, *, check_messages: bool = True, streaming: bool = True) -> None:
         self.check_messages = check_messages
+        self.streaming = streaming  # False: a provider that answers plain JSON, always
+        self._holds: list[StreamHold] = []  # reached by a stream: released when closing
         self._script: deque[ScriptedReply] = deque()
         self.requests: list[RecordedRequest] = []
         #: Body bytes written per answer, in answer order (complete once the server closed).
@@ -217,6 +311,9 @@ class FakeChatServer:
         if self._closing.is_set():
             return
         self._closing.set()  # releases delayed replies at once
+        with self._lock:
+            for hold in self._holds:  # and held streams
+                hold.release()
         self._wake_writer.send(b"\0")  # ends the accept loop at once
         if self._thread.ident is not None:  # started
             self._thread.join()
@@ -251,6 +348,32 @@ class FakeChatServer:
                 return self._script.popleft()
         return error_reply(500, "the fake server has no scripted reply left")
 
+    def _events(self, reply: ScriptedReply, body: Any) -> Iterator[bytes] | None:
+        """The server-sent events to answer ``body`` with, or None for plain JSON."""
+        asked = isinstance(body, dict) and body.get("stream") is True
+        if not (self.streaming and asked and reply.status == 200):
+            return None
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        if reply.streamed_bytes:
+            return _padding_events(reply.streamed_bytes)
+        if not _is_completion(reply.body):
+            return None
+        chunks = stream_chunks(reply.body, include_usage=usage)
+        return iter([*(_event(json.dumps(chunk)) for chunk in chunks), _event("[DONE]")])
+
+    def _pass(self, hold: StreamHold | None, sent_chunks: int) -> bool:
+        """Hold a stream at ``hold`` until released; False when the server is closing."""
+        if hold is None or sent_chunks != hold.after_chunks:
+            return True
+        with self._lock:
+            self._holds.append(hold)
+            if self._closing.is_set():
+                return False
+        hold.reached.set()
+        hold.wait_released()
+        return not self._closing.is_set()
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
@@ -280,18 +403,17 @@ class FakeChatServer:
                 if reply.delay_seconds and fake._closing.wait(reply.delay_seconds):
                     self.close_connection = True
                     return  # closing: drop the connection without an answer
-                self._answer(reply)
+                self._answer(reply, fake._events(reply, body))
 
-            def _answer(self, reply: ScriptedReply) -> None:
+            def _answer(self, reply: ScriptedReply, events: Iterator[bytes] | None) -> None:
                 sent = 0
+                content_type = "application/json" if events is None else "text/event-stream"
                 try:
                     self.send_response(reply.status)
-                    for name, value in {
-                        "Content-Type": "application/json",
-                        **reply.headers,
-                    }.items():
+                    for name, value in {"Content-Type": content_type, **reply.headers}.items():
                         self.send_header(name, value)
-                    for part in self._body(reply):
+                    body = self._body(reply) if events is None else self._stream(reply, events)
+                    for part in body:
                         self.wfile.write(part)
                         sent += len(part)
                 except (BrokenPipeError, ConnectionResetError):
@@ -311,11 +433,30 @@ class FakeChatServer:
                 payload = json.dumps(reply.body).encode()
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                if not reply.drip_seconds:
+                yield from self._drip(payload, reply.drip_seconds)
+
+            def _stream(self, reply: ScriptedReply, events: Iterator[bytes]) -> Iterator[bytes]:
+                """Ends the headers, then yields the stream's events as they are to be sent,
+                in chunked encoding (the connection stays open for the next request)."""
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for number, event in enumerate(events):
+                    if number == reply.cut_after_chunks or not fake._pass(reply.hold, number):
+                        self.close_connection = True
+                        return  # drop the connection mid-body
+                    for part in self._drip(event, reply.drip_seconds):
+                        yield b"%X\r\n%s\r\n" % (len(part), part)
+                    if self.close_connection:
+                        return  # the server is closing: drop the connection mid-body
+                yield b"0\r\n\r\n"
+
+            def _drip(self, payload: bytes, seconds: float) -> Iterator[bytes]:
+                """``payload`` at once, or (``seconds``) a byte at a time until closing."""
+                if not seconds:
                     yield payload
                     return
                 for index in range(len(payload)):
-                    if fake._closing.wait(reply.drip_seconds):
+                    if fake._closing.wait(seconds):
                         self.close_connection = True
                         return  # closing: drop the connection mid-body
                     yield payload[index : index + 1]
@@ -324,6 +465,30 @@ class FakeChatServer:
                 pass  # keep test output clean
 
         return Handler
+
+
+#: A word-piece "token": up to 5 non-space characters and the spaces after them (or spaces).
+_WORD_PIECE = re.compile(r"\S{1,5}\s*|\s+")
+
+
+def _is_completion(body: Any) -> bool:
+    try:
+        return isinstance(body["choices"][0]["message"], dict)
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+def _event(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()
+
+
+def _padding_events(total_bytes: int) -> Iterator[bytes]:
+    """Server-sent content chunks ``total_bytes`` long in all (about 64 KiB each, never
+    held in memory together)."""
+    words = "padding " * 8192
+    event = _event(json.dumps({"choices": [{"index": 0, "delta": {"content": words}}]}))
+    for _ in range(0, total_bytes, len(event)):
+        yield event
 
 
 def _padding(total_bytes: int) -> Iterator[bytes]:

@@ -30,7 +30,19 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
-from app.api import connection, conversations, events, openapi, runs, server, streams
+from app.api import (
+    connection,
+    conversations,
+    dashboard,
+    events,
+    metrics_route,
+    openapi,
+    runs,
+    server,
+    server_stream,
+    streams,
+    ws_stream,
+)
 from app.api.errors import register_error_handlers
 from app.api.guards import install_guards
 from app.logs import log_fields
@@ -59,8 +71,10 @@ def create_app(
     app = QuartTrio("trellis", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["JSON_SORT_KEYS"] = False
-    for module in (conversations, runs, events, streams, server, openapi):
+    for module in (conversations, runs, events, streams, ws_stream, server_stream, server, openapi):
         app.register_blueprint(module.blueprint)
+    app.register_blueprint(dashboard.blueprint)  # GET / and /static/<name>
+    app.register_blueprint(metrics_route.blueprint)  # GET /metrics
     register_error_handlers(app)
     _log_requests(app)
     install_guards(app, settings)  # after the clock starts: a refused request is logged too
@@ -91,7 +105,8 @@ def create_app(
 
 
 def _log_requests(app: QuartTrio) -> None:
-    """One line per request: ``GET /api/server 200 1.3ms``, plus the same as fields."""
+    """One line per request: ``GET /api/server 200 1.3ms``, plus the same as fields; and
+    its duration in the supervisor's metrics (see :func:`_observe`)."""
 
     @app.before_request
     async def start_clock() -> None:
@@ -100,7 +115,9 @@ def _log_requests(app: QuartTrio) -> None:
     @app.after_request
     async def log_request(response: Response) -> Response:
         started = g.get("trellis_started")
-        ms = round((time.perf_counter() - started) * 1000, 1) if started is not None else None
+        seconds = time.perf_counter() - started if started is not None else None
+        ms = round(seconds * 1000, 1) if seconds is not None else None
+        _observe(app, response, seconds)
         log_fields(
             request_log,
             "{method} {path} {status} {ms}ms",
@@ -110,3 +127,16 @@ def _log_requests(app: QuartTrio) -> None:
             ms=ms,
         )
         return response
+
+
+def _observe(app: QuartTrio, response: Response, seconds: float | None) -> None:
+    """Observe the request in ``trellis_http_request_duration_seconds``, labelled with its
+    route template (``request.url_rule.rule``, never the path: a bounded set of series).
+
+    Hooks run when the response *starts*: a stream's duration is its time to first byte,
+    not how long the client stayed connected."""
+    sup: RunSupervisor | None = app.extensions.get("trellis.supervisor")
+    if sup is None or seconds is None:
+        return
+    rule = request.url_rule.rule if request.url_rule is not None else None
+    sup.metrics.observe_http(request.method, rule, response.status_code, seconds)

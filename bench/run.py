@@ -39,6 +39,9 @@ What is measured, and how:
    run whose request is in flight to a provider that answers after 60 s (a real local HTTP
    server in this process, ``app.testing_llm.FakeChatServer``).
 
+10. Fan-out (``fanout.py``, its own server): commit -> receipt latency with 1 and 100 SSE
+    subscribers on one conversation, and events/s of a single stream (replay and live).
+
 Prints one table (stdout) and writes it, with all raw numbers, to ``bench/results.json``.
 Progress goes to stderr. The peer column quotes the issue's figures for another server.
 """
@@ -49,6 +52,7 @@ import sys
 import time
 from typing import Any
 
+import fanout
 import floor_server
 import latency
 import report
@@ -138,8 +142,10 @@ def main() -> int:
     measure_main_server(results)
     measure_while_starting(results)
     measure_queue_and_interrupt(results)
+    log("fan-out: stream subscribers")
+    results["fanout"] = fanout.measure()
     total_seconds = time.perf_counter() - began
-    rows = report.build_rows(results)
+    rows = report.build_rows(results) + fanout.rows(results["fanout"])
     print(report.format_table(rows))
     path = report.write_json(rows, results, total_seconds)
     print(f"\n{total_seconds:.0f} s in total; results written to {path}")

@@ -80,19 +80,28 @@ async def events(sup: RunSupervisor, conversation_id: str, kind: str | None = No
     return page.items
 
 
+#: Both ways of asking for a completion: streamed (the default) and not.
+STREAMED_OR_NOT = pytest.mark.parametrize(
+    "stream", [pytest.param(True, id="streamed"), pytest.param(False, id="not-streamed")]
+)
+
+
+@STREAMED_OR_NOT
 async def test_llm_tool_call_then_answer_sends_exact_requests(
-    sup: RunSupervisor, provider: FakeChatServer
+    sup: RunSupervisor, provider: FakeChatServer, stream: bool
 ) -> None:
-    """Tool call → observation → final answer; both request bodies are exactly as expected."""
+    """Tool call → observation → final answer; both request bodies are exactly as expected,
+    whether the completions are streamed or not."""
     provider.add(
         tool_call_reply(
             [("file_editor", {"command": "create", "path": "a.txt", "file_text": "hi"})]
         ),
         text_reply("Created a.txt."),
     )
-    conversation_id, run = await run_to_end(sup, llm(), "Create a.txt")
+    conversation_id, run = await run_to_end(sup, llm(stream=stream), "Create a.txt")
     assert (run.status, run.reason, run.steps) == (Status.FINISHED, "agent_finished", 2)
     first, second = (request.body for request in provider.requests)
+    assert first.get("stream", False) is second.get("stream", False) is stream
     assert [tool["function"]["name"] for tool in first["tools"]] == [
         "terminal",
         "file_editor",
@@ -214,12 +223,14 @@ async def test_llm_finish_tool_ends_the_run_with_its_message(
     assert (await events(sup, conversation_id, "message"))[-1].payload.text == "All done."  # type: ignore[union-attr]
 
 
+@STREAMED_OR_NOT
 async def test_llm_interrupt_cancels_the_request_in_flight(
-    sup: RunSupervisor, provider: FakeChatServer
+    sup: RunSupervisor, provider: FakeChatServer, stream: bool
 ) -> None:
-    """Interrupt during a 60 s provider response stops the run within the request's wait."""
+    """Interrupt during a 60 s provider response stops the run within the request's wait
+    (mid-stream: see tests/test_llm_streaming.py)."""
     provider.add(text_reply("too late", delay_seconds=60))
-    conversation = await new_conversation(sup, llm(), initial_message="hello")
+    conversation = await new_conversation(sup, llm(stream=stream), initial_message="hello")
     await sup.start_run(conversation.id)
     with trio.fail_after(10):
         while not provider.requests:  # the request has reached the provider

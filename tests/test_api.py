@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(30)
 
 CONVERSATION_KEYS = {
     "id", "title", "status", "agent", "max_iterations", "workspace", "created_at",
-    "updated_at", "event_count", "usage", "run",
+    "updated_at", "event_count", "usage", "run", "webhook",
 }  # fmt: skip
 RUN_KEYS = {
     "id", "conversation_id", "status", "reason", "queue_position", "queued_at", "started_at",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,13 @@ import trio.testing
 from app.agents import provider as provider_module
 from app.agents.provider import ProviderClient, ProviderError, retry_after_seconds
 from app.settings import LLMSettings
-from app.testing_llm import FakeChatServer, error_reply, text_reply
+from app.testing_llm import (
+    FakeChatServer,
+    error_reply,
+    oversized_reply,
+    text_reply,
+    tool_call_reply,
+)
 from tests.test_agent_llm import closed_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -199,3 +206,42 @@ async def test_provider_logs_transport_errors_by_class(
     await unreachable.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "trellis.llm"]
     assert [line.split(" failed ")[1].split(";")[0] for line in lines] == ["(ConnectError)"] * 2
+
+
+async def test_provider_streamed_completion_is_the_plain_one(
+    client: ProviderClient, fake: FakeChatServer
+) -> None:
+    """With on_text the request asks for a stream, the text arrives in pieces, and the
+    result is the completion the same reply gives without streaming."""
+    reply = tool_call_reply([("terminal", {"command": "ls"})], text="Listing it now.")
+    fake.add(reply, reply)
+    pieces: list[str] = []
+    with trio.fail_after(10):
+        plain = await client.complete(BODY)
+        streamed = await client.complete(BODY, pieces.append)
+    assert "stream" not in fake.requests[0].body
+    assert fake.requests[1].body["stream_options"] == {"include_usage": True}
+    assert pieces == ["Listing ", "it ", "now."]  # whole words (the last: at the end)
+    for key in ("model", "choices", "usage"):
+        assert streamed[key] == plain[key]
+    assert client.statistics().requests == 2
+
+
+async def test_provider_stream_is_bounded_by_the_limit_and_the_deadline(
+    client: ProviderClient, fake: FakeChatServer
+) -> None:
+    """max_response_bytes counts a stream's bytes (reading stops past it) and
+    request_timeout_seconds covers the whole stream (a dripping one is cut)."""
+    small = with_settings(client, max_response_bytes=64 * 1024, max_retries=0)
+    slow = with_settings(client, request_timeout_seconds=0.3, max_retries=0)
+    dripping = dataclasses.replace(text_reply("slowly, slowly"), drip_seconds=0.02)
+    fake.add(oversized_reply(256 * 1024 * 1024), dripping)
+    with trio.fail_after(10):
+        with pytest.raises(ProviderError, match=r"larger than llm.max_response_bytes \(65536"):
+            await small.complete(BODY, lambda _: None)
+        with pytest.raises(ProviderError, match=r"no complete answer within .* \(0.3 s\)"):
+            await slow.complete(BODY, lambda _: None)
+    await small.aclose()
+    await slow.aclose()
+    fake.close()  # joins the thread that wrote the answer: its count is final
+    assert fake.body_bytes_sent[0] < 16 * 1024 * 1024

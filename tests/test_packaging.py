@@ -127,6 +127,7 @@ def test_wheel_contains_the_package_and_its_default_config(installed: Installed)
     """The wheel holds app/ with default.toml, and nothing from tests/ or config/."""
     names = zipfile.ZipFile(installed.wheel).namelist()
     assert "app/default.toml" in names
+    assert {"app/static/dashboard.html", "app/static/dashboard.js"} <= set(names)
     assert "app/cli/__init__.py" in names
     assert not [name for name in names if name.startswith(("tests/", "config/"))]
 
@@ -156,6 +157,8 @@ def test_wheel_in_a_fresh_venv_serves_health_from_another_directory(
         assert banner.startswith("trellis: serving on "), banner + process.stderr.read()  # type: ignore[union-attr]
         response = httpx.get(banner.split()[-1] + "/health", timeout=10)
         assert response.json() == {"status": "ok"}
+        for path in ("/", "/static/dashboard.js"):  # the dashboard ships as package data
+            assert httpx.get(banner.split()[-1] + path, timeout=10).status_code == 200, path
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=15)
     finally:

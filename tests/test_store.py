@@ -14,8 +14,9 @@ import pytest
 from app.errors import IdempotencyKeyReused, IllegalTransition, InvalidInput, NotFound
 from app.events import ErrorPayload, Event, MessagePayload, Source, StatusPayload
 from app.lifecycle import TRANSITIONS, Status, Trigger
-from app.records import ConversationRecord
+from app.records import ConversationRecord, Webhook
 from app.store import EventQuery, NewConversation, Order, SqliteStore
+from app.store.schema import SCHEMA_VERSION
 
 
 def new(initial_message: str | None = None, **fields: Any) -> NewConversation:
@@ -563,3 +564,38 @@ def test_store_file_is_in_wal_mode(store: SqliteStore) -> None:
     """The database file is switched to WAL journal mode, as a raw connection sees it."""
     with closing(sqlite3.connect(store.path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("version", [pytest.param(1, id="v1"), pytest.param(2, id="v2")])
+def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
+    """A file of an older schema version (its columns dropped again, its version set back)
+    is brought to the current version on open: old rows read as before (no webhook), new
+    conversations keep their webhook and keyed answers, and user_version says so."""
+    path = tmp_path / "old.sqlite3"
+    store = SqliteStore(path)
+    old = create(store, "from before")
+    store.close()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE conversations DROP COLUMN webhook")  # as version 2 had it
+        if version == 1:
+            conn.execute("ALTER TABLE idempotency_keys DROP COLUMN answer")
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+
+    hook = Webhook(url="http://127.0.0.1:9/hook")
+    migrated = SqliteStore(path)
+    try:
+        assert migrated.get_conversation(old.id).webhook is None
+        assert seqs(migrated, old.id) == [1]
+        hooked, _ = migrated.create_conversation(new(webhook=hook, idempotency_key="k"))
+    finally:
+        migrated.close()
+    reopened = SqliteStore(path)
+    try:
+        assert reopened.get_conversation(hooked.id).webhook == hook
+    finally:
+        reopened.close()
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
+        assert "answer" in columns

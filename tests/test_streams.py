@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,9 +14,12 @@ import trio
 import trio.testing
 
 from app.events import MessagePayload, Source
-from app.live.feed import StreamEnd
+from app.live import follow
+from app.live.feed import Delta, StreamEnd
 from app.settings import Settings
+from app.supervisor import RunSupervisor
 from app.testing import Gates, gated_registry
+from tests.conftest import gated, new_conversation
 from tests.live import LiveServer, live_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,11 +71,20 @@ class Frames:
         return frames
 
 
+def stream(
+    server: LiveServer, conversation_id: str, **params: Any
+) -> AbstractAsyncContextManager[Frames]:
+    """The conversation's event stream (see :func:`sse`)."""
+    return sse(server, f"/api/conversations/{conversation_id}/events/stream", **params)
+
+
 @asynccontextmanager
-async def stream(server: LiveServer, conversation_id: str, **params: Any) -> AsyncIterator[Frames]:
+async def sse(server: LiveServer, path: str, **params: Any) -> AsyncIterator[Frames]:
+    """GET ``path`` (with ``params`` as its query, ``headers=`` as extra headers) and read
+    its Server-Sent Events once the 200 text/event-stream response has begun."""
     headers = [("Host", "127.0.0.1"), *params.pop("headers", {}).items()]
     query = urlencode(params)
-    target = f"/api/conversations/{conversation_id}/events/stream" + (f"?{query}" if query else "")
+    target = path + (f"?{query}" if query else "")
     port = int(str(server.client.base_url).rsplit(":", 1)[1].rstrip("/"))
     sock = await trio.open_tcp_stream("127.0.0.1", port)
     async with sock:
@@ -298,3 +310,40 @@ async def test_fifty_subscribers_each_receive_every_event_in_order(settings: Set
                 await server.client.post(f"/api/conversations/{conversation_id}/runs", json={})
             assert len(received) == 50
             assert all(seqs == list(range(1, expected + 1)) for seqs in received)
+
+
+async def test_follower_drops_a_delta_the_replay_already_overtook(
+    supervisor: RunSupervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta that the feed delivers before an event the replay already sent is stale (it
+    may belong to a message the client has in full) and is dropped; once the feed has
+    caught up, deltas pass, whatever their ``after_seq``; none moves the position."""
+    monkeypatch.setattr(follow, "REPLAY_PAGE", 1)  # one store read per event: room to act
+    sup = supervisor
+    conversation = await new_conversation(sup, gated("f"))
+
+    async def append(text: str) -> int:
+        payload = MessagePayload(text=text)
+        event = await sup.io(sup.store.append_event, conversation.id, None, Source.USER, payload)
+        return event.seq
+
+    def delta(text: str, after_seq: int) -> None:
+        sup.feed.publish_delta(Delta(conversation.id, "run", text, after_seq))
+
+    first = await append("one")
+    second = await append("two")
+    items = follow.follow_conversation(sup, conversation.id, first - 1, None)
+    async with aclosing(items) as follower:
+        assert [e.seq for e in await anext(follower)] == [first]  # subscribed; replaying
+        delta("stale", after_seq=second)  # produced before the next event...
+        third = await append("three")  # ...which the replay is about to read
+        await sup.feed.flush()
+        replayed = [await anext(follower), await anext(follower)]
+        assert [event.seq for batch in replayed for event in batch] == [second, third]
+        delta("in order", after_seq=second)  # the feed caught up: publishing order holds
+        delta("fresh", after_seq=third)
+        await sup.feed.flush()
+        sup.feed.end_conversation(conversation.id, "deleted")
+        rest = [item async for batch in follower for item in batch]
+    assert [item.text for item in rest if isinstance(item, Delta)] == ["in order", "fresh"]
+    assert rest[-1] == follow.End("deleted", third)

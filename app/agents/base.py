@@ -68,6 +68,14 @@ class StepContext(Protocol):
         """Commit an event and return it (committed before this returns)."""
         ...
 
+    def delta(self, text: str) -> None:
+        """Show ``text``, a fragment of what the agent is producing right now (a model's
+        tokens), to whoever watches the conversation live. Ephemeral: not stored, not in
+        :meth:`history`; emit the complete message as an event once it is done. Cheap and
+        never blocks; dropped when nobody watches. Callable from the run thread and from
+        a function running on the Trio side through :meth:`call_async`."""
+        ...
+
     def sleep(self, seconds: float) -> None:
         """Block for ``seconds``; an interrupt ends it at once with ``trio.Cancelled``."""
         ...

@@ -4,7 +4,7 @@
 
     {"kind": "llm", "provider": "default", "model": "...", "system_prompt": "...",
      "tools": ["terminal", "file_editor", "finish"], "temperature": 0.0,
-     "max_parallel_tools": 4}
+     "max_parallel_tools": 4, "stream": true}
 
 A spec picks one of the operator's providers by name (:mod:`app.agents.providers`) and may
 choose the model, the prompt and the sampling; it never names a URL or an environment
@@ -15,6 +15,12 @@ One step is one Chat Completions request, then the tool calls it returned (in pa
 the tool limiter, results in call order). A reply without tool calls, or a ``finish`` call,
 ends the run ``finished``.
 
+Streaming (``"stream": true``, the default): the completion is requested as a stream and
+its text goes to the conversation's live watchers as it arrives (``ctx.delta``: ephemeral
+``delta`` frames, never stored); the complete message is stored as an event once the
+completion has ended, exactly as without streaming. ``"stream": false`` is for providers
+that cannot stream: one plain request, no ``stream`` field, no deltas.
+
 The request's ``messages`` are built incrementally: the agent (one instance per run) keeps
 a :class:`~app.agents.llm_messages.ChatHistory` and asks the run only for the events after
 the last one it has seen, so a step costs the new events, not the whole conversation.
@@ -22,7 +28,9 @@ the last one it has seen, so a step costs the new events, not the whole conversa
 Cancellation:
     The HTTP request is made on the Trio side (``ctx.call_async``) through the chosen
     provider's :class:`~app.agents.provider.ProviderClient`, so an interrupt cancels it at once —
-    mid-request, mid-backoff — instead of waiting for the provider to answer.
+    mid-request, mid-stream, mid-backoff — instead of waiting for the provider to answer.
+    The completion's message is stored only once the completion has ended, so an
+    interrupted stream leaves nothing half-written (its deltas were live-only).
 
 Errors:
     :class:`~app.agents.provider.ProviderError` (the provider refused, kept failing, answered
@@ -77,6 +85,7 @@ class LLMSpec(BaseModel):
     tools: list[str] = Field(default_factory=lambda: ["terminal", "file_editor", "finish"])
     temperature: float = Field(0.0, ge=0, le=2)
     max_parallel_tools: int = Field(4, ge=1, le=64)
+    stream: bool = True
 
     @field_validator("base_url", "api_key_env", mode="before")
     @classmethod
@@ -112,7 +121,8 @@ class LLMAgent:
     def step(self, ctx: StepContext) -> StepResult:
         self.history.extend(ctx.history(after_seq=self.history.last_seq))
         started = time.monotonic()
-        response = ctx.call_async(self.provider.complete, self._request_body(ctx))
+        on_text = ctx.delta if self.spec.stream else None  # the fragments go live as they come
+        response = ctx.call_async(self.provider.complete, self._request_body(ctx), on_text)
         choice, message, usage = _parts(response)
         ctx.emit(
             LLMCallPayload(

@@ -20,6 +20,7 @@ Limits — each a setting of the provider's table:
   provider answering 400 MB costs the server this much memory at most; the step fails.
 * ``request_timeout_seconds``: a *total* deadline per attempt — connecting, sending, and
   reading the whole answer — so a provider dripping a byte a second cannot hold a step.
+  A streamed answer is no exception: the limit and the deadline cover the whole stream.
 * ``step_timeout_seconds``: every attempt and backoff of one step together.
 
 Retries: 429, 5xx, transport errors and attempts past their deadline are retried at most
@@ -27,10 +28,17 @@ Retries: 429, 5xx, transport errors and attempts past their deadline are retried
 (seconds or an HTTP date) wins. Each retry logs one line on the ``trellis.llm`` logger: the
 attempt, the status or error, the delay — never the API key, never a body.
 
+Streaming (``complete(body, on_text)``, read by :mod:`app.agents.completion_stream`): text
+goes to ``on_text`` as it arrives, the result is the same dict. What went to ``on_text``
+cannot be taken back, so an attempt is retried only while none of its text was handed on;
+a stream broken off after that fails the step (its message is never stored): no text is
+stored or shown twice.
+
 Secrets: the key goes only into the ``Authorization`` header of requests to the provider's
 own URL. Whatever the provider sends back has the key's value (and the URL's password)
-replaced by ``***`` before it is parsed, so a provider echoing the key cannot put it into
-an event or a run's error; error messages show the URL with its password masked.
+replaced by ``***`` before it is parsed (streamed: each fragment, and the whole), so a
+provider echoing the key cannot put it into an event, a live fragment or a run's error;
+error messages show the URL with its password masked.
 
 Cancellation:
     Every wait is a Trio checkpoint (the request, the body's chunks, the backoff sleep), so
@@ -41,8 +49,9 @@ Errors::
 
     Exception
     └── ProviderError    the provider refused (4xx), kept failing until the retries ran
-                         out, answered more than max_response_bytes, or gave no usable
-                         answer within step_timeout_seconds
+                         out, answered more than max_response_bytes, broke off a stream
+                         whose text was shown, or gave no usable answer within
+                         step_timeout_seconds
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import logging
 import math
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +71,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from app.agents.completion_stream import CompletionStream, StreamError
 from app.redact import mask_urls, redact_secrets
 from app.settings import DEFAULT_PROVIDER, ProviderSettings
 
@@ -88,17 +99,19 @@ class ProviderStatistics:
 
 @dataclass(slots=True)
 class _Tally:
-    """What the attempts of one completion have seen, read when the deadline cuts them."""
+    """The attempts of one completion: where their text goes (``on_text``: streamed), and
+    what they have seen, read when the deadline cuts them."""
 
+    on_text: Callable[[str], None] | None = None
     attempts: int = 0
     last_failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
-    """One attempt's outcome: a 200's (redacted) text, or a failure and whether to retry."""
+    """One attempt's outcome: a (redacted) completion, or a failure and whether to retry."""
 
-    text: str = ""
+    completion: dict[str, Any] | None = None
     failure: str | None = None
     retry: bool = False
     log_as: str = ""
@@ -159,21 +172,30 @@ class ProviderClient:
         """``text`` with this provider's secrets hidden and its URL's password masked."""
         return mask_urls(redact_secrets(text, self._secrets))
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, body: dict[str, Any], on_text: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
         """POST ``body`` to ``{base_url}/chat/completions``; the parsed JSON answer.
+
+        Given ``on_text``, the answer is streamed and ``on_text`` gets its text piece by
+        piece (on the Trio thread: it must not block); the result is the same.
 
         All attempts and backoffs together get ``step_timeout_seconds``; each attempt
         ``request_timeout_seconds``, its whole answer included.
 
         Cancellation:
-            Cancelling the caller cancels the request or the backoff in progress.
+            Cancelling the caller cancels the request (or stream) or the backoff in progress.
 
         Errors:
             :class:`ProviderError` for a 4xx (not retried), when the retries ran out, for
-            a 200 whose body is not JSON or is larger than ``max_response_bytes`` (not
-            retried either: it would be as large again), and when the step's deadline passed.
+            a 200 whose body is not JSON (or not a usable stream) or is larger than
+            ``max_response_bytes`` (not retried either: it would be as large again), for a
+            stream broken off after some of its text went to ``on_text``, and when the
+            step's deadline passed.
         """
-        tally = _Tally()
+        tally = _Tally(on_text)
+        if on_text is not None:
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         with trio.move_on_after(self.settings.step_timeout_seconds):
             client = await self._open()
             return await self._post_with_retries(client, body, tally)
@@ -225,9 +247,9 @@ class ProviderClient:
         for attempt in range(1, total + 1):
             tally.attempts = attempt
             self._requests += 1
-            outcome = await self._attempt(client, body)
-            if outcome.failure is None:
-                return _json_object(outcome.text)
+            outcome = await self._attempt(client, body, tally.on_text)
+            if outcome.completion is not None:
+                return outcome.completion
             tally.last_failure = outcome.failure
             if not outcome.retry or attempt == total:
                 break
@@ -243,46 +265,77 @@ class ProviderClient:
             await trio.sleep(delay)
         raise ProviderError(f"{tally.last_failure} (after {tally.attempts} attempt(s))")
 
-    async def _attempt(self, client: httpx.AsyncClient, body: dict[str, Any]) -> _Attempt:
-        """One request, its whole answer read within ``request_timeout_seconds``."""
+    async def _attempt(
+        self,
+        client: httpx.AsyncClient,
+        body: dict[str, Any],
+        on_text: Callable[[str], None] | None,
+    ) -> _Attempt:
+        """One request, its whole answer read within ``request_timeout_seconds``. A
+        failure is retried only if none of this attempt's text went to ``on_text``."""
         seconds = self.settings.request_timeout_seconds
+        stream = CompletionStream(on_text, self.redact) if on_text is not None else None
         with trio.move_on_after(seconds):
             try:
                 async with client.stream(
                     "POST", self._url, json=body, headers=self._headers
                 ) as response:
-                    return await self._read(response)
+                    return await self._read(response, stream)
             except httpx.RequestError as exc:
                 failure = f"cannot reach the model provider at {self._url}: {exc!r}"
-                return _Attempt(failure=self.redact(failure), retry=True, log_as=type(exc).__name__)
-        return _Attempt(
-            failure=f"the model provider sent no complete answer within"
-            f" {self.setting('request_timeout_seconds')} ({seconds:g} s)",
-            retry=True,
-            log_as="request timeout",
+                return _broken(self.redact(failure), type(exc).__name__, stream)
+        failure = (
+            f"the model provider sent no complete answer within"
+            f" {self.setting('request_timeout_seconds')} ({seconds:g} s)"
         )
+        return _broken(failure, "request timeout", stream)
 
-    async def _read(self, response: httpx.Response) -> _Attempt:
+    async def _read(self, response: httpx.Response, stream: CompletionStream | None) -> _Attempt:
         """The answer's body, read as a stream up to its limit, secrets hidden.
 
-        Errors: :class:`ProviderError` for a 200 larger than ``max_response_bytes``.
+        Errors: :class:`ProviderError` for a 200 larger than ``max_response_bytes``, or
+        whose body is not JSON.
         """
         status = response.status_code
+        content_type = response.headers.get("Content-Type", "")
+        if status == 200 and stream is not None and content_type.startswith("text/event-stream"):
+            return await self._read_stream(response, stream)
         limit = self.settings.max_response_bytes if status == 200 else _ERROR_BODY_BYTES
-        raw, complete = await _read_at_most(response, limit)
+        raw = bytearray()
+        complete = await _read_at_most(response, limit, raw.extend)
         text = self.redact(raw.decode("utf-8", errors="replace"))
         if status == 200 and not complete:
-            raise ProviderError(
-                f"the model provider's answer is larger than {self.setting('max_response_bytes')}"
-                f" ({limit} bytes); it was not read further"
-            )
+            raise self._too_large()
         if status == 200:
-            return _Attempt(text=text)
+            return _Attempt(completion=_json_object(text))
         return _Attempt(
             failure=_describe_status(status, text),
             retry=status in RETRIED_STATUSES,
             log_as=f"status {status}",
             retry_after=response.headers.get("Retry-After"),
+        )
+
+    async def _read_stream(self, response: httpx.Response, stream: CompletionStream) -> _Attempt:
+        """A 200 ``text/event-stream`` body, fed to ``stream`` as it arrives, up to the limit.
+
+        Errors: :class:`ProviderError` for a stream larger than ``max_response_bytes``.
+        """
+        complete = await _read_at_most(response, self.settings.max_response_bytes, stream.feed)
+        if not complete:
+            raise self._too_large()
+        try:
+            completion = stream.finish()  # raises the failure that stopped the read, if any
+        except StreamError as exc:
+            return _broken(self.redact(str(exc)), "unusable stream", stream)
+        # As a whole, too: the fragments were redacted one by one (see WordRelease).
+        return _Attempt(
+            completion=json.loads(self.redact(json.dumps(completion, ensure_ascii=False)))
+        )
+
+    def _too_large(self) -> ProviderError:
+        return ProviderError(
+            f"the model provider's answer is larger than {self.setting('max_response_bytes')}"
+            f" ({self.settings.max_response_bytes} bytes); it was not read further"
         )
 
     def _backoff(self, retry: int, retry_after: str | None) -> float:
@@ -311,10 +364,22 @@ def retry_after_seconds(value: str, now: datetime | None = None) -> float | None
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
-async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of the (decoded) body, and whether that was all of it. Stops
-    reading at the first chunk past the limit: memory stays bounded by ``limit`` plus one
-    network read, whatever the provider sends or declares.
+def _broken(failure: str, log_as: str, stream: CompletionStream | None) -> _Attempt:
+    """An attempt that failed on the way (transport error, deadline, unusable stream):
+    retried, unless some of its streamed text was shown already (see the module doc)."""
+    if stream is None or not stream.shown:
+        return _Attempt(failure=failure, retry=True, log_as=log_as)
+    failure = f"the model provider's stream broke off after its text was shown: {failure}"
+    return _Attempt(failure=failure + "; not retried, so that no text is shown twice")
+
+
+async def _read_at_most(
+    response: httpx.Response, limit: int, sink: Callable[[bytes], object]
+) -> bool:
+    """Hand up to ``limit`` bytes of the (decoded) body to ``sink`` as they arrive; whether
+    that was all of it. Stops reading at the first chunk past the limit — memory stays
+    bounded by ``limit`` plus one network read, whatever the provider sends or declares —
+    and as soon as ``sink`` returns ``False`` (it has seen enough).
 
     Cancellation:
         Reading stops by cancelling a scope of its own, not by leaving the loop: the
@@ -323,13 +388,14 @@ async def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bo
         would abandon them half-consumed, to be finalized whenever the garbage collector
         gets to them.
     """
-    body = bytearray()
+    received = 0
     with trio.CancelScope() as reading:
         async for chunk in response.aiter_bytes():
-            body += chunk[: limit + 1 - len(body)]  # one byte past the limit says "more"
-            if len(body) > limit:
+            room = limit - received
+            received += len(chunk)
+            if sink(chunk[:room]) is False or received > limit:
                 reading.cancel()
-    return bytes(body[:limit]), len(body) <= limit
+    return received <= limit
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from app.settings import LLMSettings
 if TYPE_CHECKING:
     import httpx  # imported with the llm kind, when a default registry is built
 
+    from app.agents.providers import Providers
+
 log = logging.getLogger("trellis.agents")
 
 
@@ -49,6 +51,9 @@ class AgentRegistry:
     def __init__(self) -> None:
         self._kinds: dict[str, AgentKind] = {}
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        #: The ``llm`` kind's providers (set by :func:`default_registry`), whose request
+        #: and retry counts ``GET /metrics`` exports; None in a registry without them.
+        self.providers: Providers | None = None
 
     def __repr__(self) -> str:
         return f"<AgentRegistry kinds={sorted(self._kinds)}>"
@@ -197,4 +202,5 @@ def default_registry(
         context={PROVIDERS_CONTEXT: providers.names},
     )
     registry.add_closer(providers.aclose)
+    registry.providers = providers
     return registry

@@ -23,6 +23,7 @@ from app.api.schemas import (
 )
 from app.errors import PayloadTooLarge
 from app.events import MessagePayload
+from app.live.webhooks import check_webhook
 from app.records import ConversationRecord, ConversationSummary
 from app.store.base import MessageWritten, NewConversation, NewRun
 from app.store.idempotency import Answer, IdempotentWrite, Replayed
@@ -58,7 +59,9 @@ def check_spec_size(agent: dict[str, Any], limit: int) -> None:
     "Create a conversation; with run=true start its first run, atomically: a refused run"
     " stores nothing. Idempotent with an Idempotency-Key header (a replay answers exactly"
     " the first answer, with Idempotent-Replayed: true). The agent spec is validated against"
-    " its kind's schema first; one larger than max_agent_spec_bytes is 413.",
+    " its kind's schema first; one larger than max_agent_spec_bytes is 413. A webhook URL"
+    " must start with a webhook_allowed_urls prefix, and the server needs a webhook_secret"
+    " (422 otherwise).",
     status=201,
     body=CreateConversation,
     response=ConversationRecord,
@@ -69,6 +72,8 @@ async def create_conversation() -> Response:
     body, raw = await parse_body(CreateConversation)
     check_spec_size(body.agent, sup.settings.max_agent_spec_bytes)
     sup.registry.validate(body.agent, loc=("body", "agent"), tools=sup.tools.names)
+    if body.webhook is not None:
+        check_webhook(body.webhook.url, sup.settings)
     key = idempotency.request_key(raw)
     await idempotency.replay_if_known(sup, key)
     conversation_id = str(uuid.uuid4())
@@ -79,6 +84,7 @@ async def create_conversation() -> Response:
         max_iterations=body.max_iterations or sup.settings.max_iterations,
         initial_message=body.initial_message,
         workspace=body.workspace,
+        webhook=body.webhook,
         idempotency_key=key[0] if key else None,
         request_hash=key[1] if key else None,
     )
@@ -104,6 +110,7 @@ async def create_conversation() -> Response:
         (_, sent), _ = await sup.admit(conversation_id, write, lambda result: result[0])
     else:
         _, sent = await sup.io(write, None)
+    sup.server_feed.conversation_changed(conversation_id, "created")  # not on a replay
     return idempotency.respond(sent)
 
 

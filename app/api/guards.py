@@ -19,7 +19,12 @@ page may do to another site, and these checks stand on those limits:
    asking first ("simple" requests); JSON it may not.
 
 The checks run in this order, in a ``before_request`` hook, so a refused request reaches
-no handler: nothing is read from its body, nothing is stored, nothing runs. No CORS headers
+no handler: nothing is read from its body, nothing is stored, nothing runs. WebSocket
+handshakes pass the same Host and Origin checks in a ``before_websocket`` hook and are
+refused with the same HTTP answer *before* the connection is accepted: browsers send
+``Origin`` with every WebSocket handshake and do not apply the same-origin policy to
+WebSockets, so this check is what stops a page of another site from opening one
+(cross-site WebSocket hijacking). No CORS headers
 are ever sent, so an allowed origin is one whose pages share this server's origin (a UI
 served through the same reverse proxy), not a third-party site.
 
@@ -32,7 +37,8 @@ from __future__ import annotations
 
 import re
 
-from quart import Quart, request
+from quart import Quart, request, websocket
+from quart.wrappers.base import BaseRequestWebsocket
 
 from app.errors import ForbiddenOrigin, MisdirectedRequest, UnsupportedMediaType
 from app.settings import Settings
@@ -49,29 +55,36 @@ _SHOWN_CHARS = 200  # of a refused header, in the error message
 
 
 def install_guards(app: Quart, settings: Settings) -> None:
-    """Check Host, Origin and the media type of every request to ``app`` (in that order)."""
+    """Check Host, Origin and the media type of every request to ``app`` (in that order),
+    and Host and Origin of every WebSocket handshake."""
     hosts = LOOPBACK_NAMES | {_bare(settings.host)} | {_bare(h) for h in settings.allowed_hosts}
     origins = frozenset(_normal_origin(origin) for origin in settings.allowed_origins)
 
     @app.before_request
     async def guard_request() -> None:
-        check_host(hosts)
-        check_origin(origins)
+        check_host(hosts, request)
+        check_origin(origins, request)
         if request.method in BODY_METHODS and _declares_body():
             check_json_media_type()
 
+    @app.before_websocket
+    async def guard_websocket() -> None:
+        check_host(hosts, websocket)
+        check_origin(origins, websocket)
 
-def check_host(allowed: frozenset[str]) -> None:
-    """Refuse a request whose Host is not one of ``allowed`` nor the address it reached.
+
+def check_host(allowed: frozenset[str], incoming: BaseRequestWebsocket) -> None:
+    """Refuse a request (or handshake) whose Host is not one of ``allowed`` nor the address
+    it reached.
 
     The address the connection reached (the ASGI ``server``) is always accepted: with a
     wildcard bind (``0.0.0.0``) it is the machine's own address that the client dialled.
     """
-    if request.path in OPEN_TO_ANY_HOST:
+    if incoming.path in OPEN_TO_ANY_HOST:
         return
-    headers = request.headers.getlist("Host")
+    headers = incoming.headers.getlist("Host")
     name = host_name(headers[0]) if len(headers) == 1 else None
-    server = request.scope.get("server")
+    server = incoming.scope.get("server")
     reached = _bare(str(server[0])) if server else None
     if name is None or (name not in allowed and name != reached):
         shown = ", ".join(headers)[:_SHOWN_CHARS]
@@ -92,10 +105,16 @@ def host_name(header: str) -> str | None:
     return name[:-1] if name.endswith(".") else name
 
 
-def check_origin(allowed: frozenset[str]) -> None:
-    """Refuse a request carrying an ``Origin`` header that is not in ``allowed``."""
-    for origin in request.headers.getlist("Origin"):
-        if _normal_origin(origin) not in allowed:
+def check_origin(allowed: frozenset[str], incoming: BaseRequestWebsocket) -> None:
+    """Refuse a request (or handshake) carrying an ``Origin`` that is neither in ``allowed``
+    nor this server's own origin: the scheme and the ``Host`` it was reached at (checked
+    by :func:`check_host` first), which is what a page this server served (the dashboard
+    at ``/``) sends with its POST, PATCH and DELETE calls. A page of any other site, or of
+    another port on this machine, sends an origin of its own and is refused."""
+    own = _own_origin(incoming)
+    for origin in incoming.headers.getlist("Origin"):
+        normal = _normal_origin(origin)
+        if normal != own and normal not in allowed:
             shown = origin[:_SHOWN_CHARS]
             raise ForbiddenOrigin(
                 f"requests from web pages of origin {shown!r} are not allowed; a page may"
@@ -128,6 +147,16 @@ def _declares_body() -> bool:
         or (request.content_length or 0) > 0
         or "Transfer-Encoding" in request.headers
     )
+
+
+def _own_origin(incoming: BaseRequestWebsocket) -> str | None:
+    """``scheme://host[:port]`` of this server as the request reached it (``ws`` counts as
+    ``http``); ``None`` where the Host is not checked or not a single header."""
+    hosts = incoming.headers.getlist("Host")
+    if incoming.path in OPEN_TO_ANY_HOST or len(hosts) != 1:
+        return None
+    scheme = {"ws": "http", "wss": "https"}.get(incoming.scheme, incoming.scheme)
+    return _normal_origin(f"{scheme}://{hosts[0]}")
 
 
 def _bare(host: str) -> str:

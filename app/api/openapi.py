@@ -113,7 +113,7 @@ def _operation(doc: Doc, path_parameters: list[str], components: dict[str, Any])
             "content": {"application/json": {"schema": _ref(doc.body)}},
             "required": any(field.is_required() for field in doc.body.model_fields.values()),
         }
-    success: dict[str, Any] = {"description": "OK"}
+    success: dict[str, Any] = {"description": "WebSocket" if doc.status == 101 else "OK"}
     if doc.response is not None:
         success["content"] = {"application/json": {"schema": _ref(doc.response)}}
     operation["responses"] = {str(doc.status): success}

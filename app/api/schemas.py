@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 from app.events import Event
 from app.handles import IfBusy, SupervisorStatistics
 from app.lifecycle import Status
-from app.records import ConversationListItem, RunRecord
+from app.records import ConversationListItem, RunRecord, Webhook
 from app.settings import Settings
 from app.store.base import INT64_MAX, MAX_PAGE_SIZE
 
@@ -40,6 +40,8 @@ class CreateConversation(_Strict):
     #: conversations that name it; default: a directory of the conversation's own.
     workspace: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
     run: StrictBool = False
+    #: POSTed to when each run ends; the URL must start with a webhook_allowed_urls prefix.
+    webhook: Webhook | None = None
 
 
 class PostMessage(_Strict):
@@ -137,8 +139,8 @@ class ServerInfo(BaseModel):
     settings: Settings = Field(
         description="The effective settings, with the run limits as changed at runtime."
         " Nothing secret: settings name the environment variables that hold API keys (read"
-        " once at start-up, then removed from the environment), and passwords in URLs are"
-        " masked."
+        " once at start-up, then removed from the environment), passwords in URLs are"
+        " masked, and webhook_secret is shown as ***."
     )
     sandbox: Literal["bwrap", "none"] = Field(
         description="Where terminal commands run: bwrap (sandboxed) or none; the sandbox"

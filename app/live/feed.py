@@ -28,14 +28,15 @@ once the final statuses were delivered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, Self, TypeVar
 
 import trio
 
 from app.events import Event
 
+T = TypeVar("T")
 log = logging.getLogger("trellis.live")
 
 
@@ -61,53 +62,70 @@ class Delta:
     after_seq: int = 0
 
 
-class Subscription:
-    """New events (and deltas) of one conversation, in ``seq`` order, then a :class:`StreamEnd`.
+class Mailbox(Generic[T]):
+    """A bounded buffer of items for one reader, then a :class:`StreamEnd`.
 
-    Trio thread only. Close it when done (``with`` block): it leaves the feed.
+    The writer never waits: :meth:`deliver` queues an item, or, when the reader has let
+    ``buffer_events`` items pile up, ends the mailbox with ``slow_consumer`` instead.
+    ``leave`` is called when the mailbox ends or closes, so that its feed forgets it.
+    Trio thread only. Close it when done (``with`` block).
     """
 
-    def __init__(self, feed: LocalFeed, conversation_id: str, buffer_events: int) -> None:
-        self.conversation_id = conversation_id
-        self._feed = feed
+    def __init__(self, buffer_events: int, leave: Callable[[], None]) -> None:
+        self._leave = leave
         # One extra slot, so that the end can always be queued after a full buffer.
-        self._send, self._receive = trio.open_memory_channel[Event | Delta | StreamEnd](
-            buffer_events + 1
-        )
+        self._send, self._receive = trio.open_memory_channel[T | StreamEnd](buffer_events + 1)
         self._capacity = buffer_events
         self.ended: StreamEnd | None = None
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    async def receive(self) -> Event | Delta | StreamEnd:
-        """The next event or delta, or the end. After the end, the end again."""
+    async def receive(self) -> T | StreamEnd:
+        """The next item, or the end. After the end, the end again."""
         if self.ended is not None and self._receive.statistics().current_buffer_used == 0:
             return self.ended
         return await self._receive.receive()
 
-    def deliver(self, event: Event | Delta) -> None:
-        """Queue ``event`` (Trio thread); past the buffer's bound, end the subscription."""
+    def deliver(self, item: T) -> None:
+        """Queue ``item`` (Trio thread); past the buffer's bound, end the mailbox."""
         if self.ended is not None:
             return
         if self._receive.statistics().current_buffer_used >= self._capacity:
             self.end(StreamEnd("slow_consumer"))
             return
-        self._send.send_nowait(event)
+        self._send.send_nowait(item)
 
     def end(self, end: StreamEnd) -> None:
         """Queue the end after what is buffered; nothing is delivered after it."""
         if self.ended is None:
             self.ended = end
             self._send.send_nowait(end)
-            self._feed.forget(self)
+            self._leave()
 
     def close(self) -> None:
-        self._feed.forget(self)
+        self._leave()
         self._send.close()
+
+
+class Subscription(Mailbox[Event | Delta]):
+    """New events (and deltas) of one conversation, in ``seq`` order, then a :class:`StreamEnd`.
+
+    Trio thread only. Close it when done (``with`` block): it leaves the feed.
+    """
+
+    def __init__(self, feed: LocalFeed, conversation_id: str, buffer_events: int) -> None:
+        super().__init__(buffer_events, lambda: feed.forget(self))
+        self.conversation_id = conversation_id
+        self._feed = feed
+
+    def end(self, end: StreamEnd) -> None:
+        if self.ended is None and end.reason == "slow_consumer":
+            self._feed.drops += 1
+        super().end(end)
 
 
 class EventFeed(Protocol):
@@ -133,6 +151,8 @@ class LocalFeed:
         self.buffer_events = buffer_events
         self._subscribers: dict[str, set[Subscription]] = {}
         self._token: trio.lowlevel.TrioToken | None = None
+        #: Subscriptions ended because their reader fell behind (``GET /metrics`` reads it).
+        self.drops = 0
 
     def __len__(self) -> int:
         """Subscriptions open right now."""

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.events import EVENT_KINDS, Event, Payload, Source
 from app.lifecycle import Status, Trigger
-from app.records import ConversationListItem, ConversationRecord, RunRecord
+from app.records import ConversationListItem, ConversationRecord, RunRecord, Webhook
 from app.store.faults import StoreHealth
 from app.store.idempotency import Answer, IdempotentWrite
 
@@ -86,6 +86,8 @@ class NewConversation:
     run: NewRun | None = None
     #: The new conversation's id (a UUID); ``None``: the store makes one.
     id: str | None = None
+    #: Where to POST when each of its runs ends (the caller checked it is allowed).
+    webhook: Webhook | None = None
 
 
 @dataclass(frozen=True, slots=True)

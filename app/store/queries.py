@@ -31,6 +31,7 @@ from app.records import (
     RunRecord,
     UnreadableConversation,
     Usage,
+    Webhook,
 )
 from app.store.base import ConversationPage, EventQuery, Order
 
@@ -189,8 +190,11 @@ def parse_cursor(cursor: str | None) -> int | None:
 
 
 def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
+    webhook = row["webhook"]
     return ConversationRecord(
-        **_conversation_fields(row, _run_of(row)), agent=json.loads(row["agent"])
+        **_conversation_fields(row, _run_of(row)),
+        agent=json.loads(row["agent"]),
+        webhook=None if webhook is None else Webhook.model_validate_json(webhook),
     )
 
 

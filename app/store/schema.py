@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: health_probe table, idempotency_keys.answer
+SCHEMA_VERSION = 3  # 2: health_probe table, idempotency_keys.answer; 3: conversations.webhook
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     last_seq        INTEGER NOT NULL DEFAULT 0,         -- seq of the newest event = count
     prompt_tokens   INTEGER NOT NULL DEFAULT 0,         -- summed over llm_call events
     completion_tokens INTEGER NOT NULL DEFAULT 0,
-    current_run_id  TEXT
+    current_run_id  TEXT,
+    webhook         TEXT                                -- JSON {"url": ...}; null = none
 );
 CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations (status, n);
 
@@ -105,7 +106,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def initialize(connection: sqlite3.Connection) -> None:
     """Switch the file to WAL (stored in the file), create what is missing and bring a
-    version-1 file up to date.
+    file of an older version up to date (:data:`_MIGRATIONS`, in one transaction).
 
     Errors: ``RuntimeError`` for a file written by a newer Trellis (nothing is changed).
     """
@@ -117,6 +118,18 @@ def initialize(connection: sqlite3.Connection) -> None:
         )
     connection.execute("PRAGMA journal_mode = WAL")
     connection.executescript(SCHEMA)
-    if version == 1:  # 1 -> 2: keys keep the first answer (old keys have none: no replay)
-        connection.execute("ALTER TABLE idempotency_keys ADD COLUMN answer TEXT")
-    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    with connection:  # the steps and the new version: all or nothing (rolled back on error)
+        connection.execute("BEGIN IMMEDIATE")
+        for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):  # a new file: none
+            connection.execute(_MIGRATIONS[step])
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+#: What brings a file of version N (the key) to version N + 1. ``SCHEMA`` creates missing
+#: tables whole, so a step only changes tables that an older version already had.
+_MIGRATIONS = {
+    # keys keep the first answer (old keys have none: no replay)
+    1: "ALTER TABLE idempotency_keys ADD COLUMN answer TEXT",
+    # a conversation may name a webhook (old conversations have none)
+    2: "ALTER TABLE conversations ADD COLUMN webhook TEXT",
+}

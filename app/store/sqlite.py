@@ -147,7 +147,7 @@ class SqliteStore:
             now = utc_now().isoformat()
             conn.execute(
                 "INSERT INTO conversations (id, title, status, agent, max_iterations,"
-                " workspace, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " workspace, created_at, updated_at, webhook) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation_id,
                     new.title,
@@ -157,6 +157,7 @@ class SqliteStore:
                     new.workspace,
                     now,
                     now,
+                    None if new.webhook is None else new.webhook.model_dump_json(),
                 ),
             )
             if new.initial_message is not None:

@@ -1,0 +1,104 @@
+"""``GET /``: the live dashboard, and ``GET /static/<name>``: its files.
+
+The dashboard is three static files in ``app/static`` (package data: the wheel ships them),
+plain HTML, CSS and JavaScript with no build step and nothing loaded from elsewhere. The
+page talks to the JSON API like any client, same-origin, and follows the server-wide stream
+``GET /api/events/stream`` with an ``EventSource``.
+
+Serving:
+
+* The files are read once, when this module is imported (at app creation, outside the event
+  loop), into an immutable table: a request never touches the disk, and only a name in that
+  table is served — a path with ``..`` or a slash, or any other name, is a plain 404.
+* Every answer carries ``X-Content-Type-Options: nosniff`` and an ``ETag``; the client
+  revalidates each time (``Cache-Control: no-cache``) and gets ``304`` while unchanged, so a
+  new version of the server never meets a stale script.
+* The page itself is sent with a Content-Security-Policy that allows only this origin
+  (``default-src 'self'``): no inline script or style runs, nothing can be framed, no form
+  posts elsewhere. The page never puts server text into HTML (it uses ``textContent``).
+
+The views are plain functions with no state: nothing to cancel, nothing owned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from quart import Blueprint, Response, request
+
+from app.api.openapi import documented
+from app.errors import NotFound
+
+blueprint = Blueprint("dashboard", __name__)
+
+PAGE = "dashboard.html"
+CONTENT_TYPES = MappingProxyType(
+    {
+        ".html": "text/html; charset=utf-8",
+        ".js": "text/javascript; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".png": "image/png",
+        ".svg": "image/svg+xml",
+    }
+)
+#: The page may load and connect to its own origin only; no plugins, no framing, no base
+#: URL or form target elsewhere.
+PAGE_POLICY = (
+    "default-src 'self'; connect-src 'self'; img-src 'self'; object-src 'none';"
+    " base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    body: bytes
+    content_type: str
+    etag: str  # unquoted
+
+
+def load_assets() -> MappingProxyType[str, Asset]:
+    """Every file of ``app/static`` with a known suffix, by file name (no subdirectories)."""
+    assets: dict[str, Asset] = {}
+    for entry in importlib.resources.files("app").joinpath("static").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if entry.is_file() and suffix in CONTENT_TYPES and not entry.name.startswith("."):
+            body = entry.read_bytes()
+            etag = hashlib.sha256(body).hexdigest()[:32]
+            assets[entry.name] = Asset(body, CONTENT_TYPES[suffix], etag)
+    return MappingProxyType(assets)
+
+
+ASSETS = load_assets()
+
+
+@blueprint.get("/")
+@documented("The live dashboard: an HTML page for browsers (not JSON).")
+async def dashboard() -> Response:
+    response = _send(ASSETS[PAGE])
+    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+@blueprint.get("/static/<name>")
+@documented("A file of the dashboard (script, style sheet, image).", errors=(404,))
+async def static_file(name: str) -> Response:
+    asset = ASSETS.get(name) if name != PAGE else None  # the page is served at / only
+    if asset is None:
+        raise NotFound(f"there is no static file {name[:100]!r}", detail={"name": name[:100]})
+    return _send(asset)
+
+
+def _send(asset: Asset) -> Response:
+    """``asset``, or ``304 Not Modified`` when the client holds this version already."""
+    headers = {
+        "ETag": f'"{asset.etag}"',
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if request.if_none_match.contains(asset.etag):
+        return Response(b"", status=304, headers=headers)
+    return Response(asset.body, headers=headers, content_type=asset.content_type)
