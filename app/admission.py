@@ -162,6 +162,7 @@ class AdmissionDesk:
     async def _launch(self, admission: Admission, conversation: ConversationRecord) -> None:
         handle = admission.handle
         handle.workspace = conversation.workspace
+        self.shared.metrics.stop_requested(admission.replaces, "interrupt")
         for earlier in admission.replaces:
             earlier.stop("interrupt")
         if self.nursery is None:  # the supervisor stopped during the write: record only

@@ -5,8 +5,9 @@ The numbers come from two places, and none is counted twice:
 * **Live state** is *read at scrape time* by :class:`LiveCollector` from the objects that
   own it: runs running and queued, the limits and the io/tool limiters
   (``supervisor.statistics()``, the very record ``GET /api/server`` shows), stream
-  subscribers and slow-consumer drops (the feed), and each llm provider's requests and
-  retries (``ProviderClient.statistics()``).
+  subscribers and slow-consumer drops (each feed: the conversations' and the server's,
+  labelled ``feed``), and each llm provider's requests and retries
+  (``ProviderClient.statistics()``).
 * **What happens** is *observed when it happens* by the counters and histograms of
   :class:`Metrics`: how long a run waited for its slot and how long it ran, how long a pause
   or an interrupt took to bring the run's thread back, how long HTTP requests took, which
@@ -67,8 +68,9 @@ class Metrics:
     """The counters and histograms of one supervisor, in a registry of their own.
 
     Observations are made where things happen (``app/run_task.py``, the supervisor's pause
-    and interrupt, ``app/web.py``'s request hook, the store's commit listener); the live
-    gauges join with :meth:`collect_live`.
+    and interrupt, the interrupt of an admission with ``if_busy=interrupt``
+    (``app/admission.py``), ``app/web.py``'s request hook, the store's commit listener); the
+    live gauges join with :meth:`collect_live`.
     """
 
     def __init__(self) -> None:
@@ -208,14 +210,7 @@ class LiveCollector(Collector):
             family.add_metric(["io"], getattr(stats, io_field))
             family.add_metric(["tool"], getattr(stats, tool_field))
             yield family
-        yield GaugeMetricFamily(
-            "trellis_stream_subscribers", "Open event stream subscriptions.", value=len(sup.feed)
-        )
-        yield CounterMetricFamily(
-            "trellis_stream_drops",
-            "Stream subscriptions ended because their reader fell behind (slow_consumer).",
-            value=sup.feed.drops,
-        )
+        yield from _stream_families(sup)
         yield from _provider_families(sup)
 
 
@@ -246,6 +241,24 @@ _LIMITER_GAUGES = (
     ("trellis_limiter_waiting", "Tasks waiting for a token of a thread limiter.", "io_waiting",
      "tool_waiting"),
 )  # fmt: skip
+
+
+def _stream_families(sup: RunSupervisor) -> Iterable[Metric]:
+    """Subscriptions and slow-consumer drops of each feed: ``feed="conversation"`` (the
+    conversation streams, SSE and WebSocket) and ``feed="server"`` (``/api/events/stream``)."""
+    subscribers = GaugeMetricFamily(
+        "trellis_stream_subscribers", "Open event stream subscriptions, by feed.", labels=["feed"]
+    )
+    drops = CounterMetricFamily(
+        "trellis_stream_drops",
+        "Stream subscriptions ended because their reader fell behind (slow_consumer), by feed.",
+        labels=["feed"],
+    )
+    for label, feed in (("conversation", sup.feed), ("server", sup.server_feed)):
+        subscribers.add_metric([label], len(feed))
+        drops.add_metric([label], feed.drops)
+    yield subscribers
+    yield drops
 
 
 def _provider_families(sup: RunSupervisor) -> Iterable[Metric]:

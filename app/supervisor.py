@@ -16,6 +16,12 @@ Ownership::
         └── (system task) hosts to_thread: run_conversation(ctx)   one run thread
             └── to_thread (tool limiter): tool calls
 
+The supervisor wires the parts that own no task of their own: the admission desk
+(``app/admission.py``) and the slot line; the live side, feeds and webhooks behind the
+store's listeners (``app/live/hub.py``: opened by :meth:`RunSupervisor.serve`, ended by
+:meth:`RunSupervisor.drain`); the read-only views (``app/run_board.py``); and the stops
+(``app/stopping.py``: pause, interrupt, delete, and the bounded join the drain uses).
+
 Three limiters, never shared: ``run_limiter`` (run slots), ``io_limiter`` (short store calls
 made for HTTP handlers, via :meth:`io`) and ``tool_limiter`` (tool calls inside runs).
 Nothing here runs on Trio's default thread limiter.
@@ -23,20 +29,19 @@ Nothing here runs on Trio's default thread limiter.
 Cancellation:
     Interrupt, delete and drain call ``handle.stop()``: a queued run then leaves the line
     without starting a thread, a running one stops at its next cancellation point (see
-    ``app/conversation.py``). The run slot is released only after the thread has returned.
-    Shutdown is bounded: :meth:`drain` gives threads ``shutdown_grace_seconds``; a thread
-    that ignores cancellation longer is *abandoned* — its run is recorded ``paused`` and the
-    supervisor closes on time, though the thread itself (Python threads cannot be killed)
-    runs on until it returns.
+    ``app/conversation.py``; who waits how long: ``app/stopping.py``). The run slot is
+    released only after the thread has returned. Shutdown is bounded: :meth:`drain` gives
+    threads ``shutdown_grace_seconds``; a thread that ignores cancellation longer is
+    *abandoned* — its run is recorded ``paused`` and the supervisor closes on time, though
+    the thread itself (Python threads cannot be killed) runs on until it returns. Only then
+    are the streams ended and the webhooks closed: every stream sees every final status first.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -46,30 +51,22 @@ from app import workspaces
 from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
-from app.errors import (
-    IllegalTransition,
-    RunQueueFull,
-)
-from app.handles import ActiveRuns, IfBusy, RunHandle, SupervisorStatistics
+from app.errors import RunQueueFull
+from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
 from app.lifecycle import Trigger
-from app.live.feed import LocalFeed
-from app.live.server_feed import ServerFeed
-from app.live.webhooks import WebhookDispatcher
+from app.live.hub import LiveHub
 from app.metrics import Metrics
 from app.records import ConversationRecord, RunRecord
+from app.run_board import RunBoard
 from app.run_task import RunShared
 from app.settings import Settings
 from app.slot_line import SlotLine
+from app.stopping import RunStops
 from app.store.base import EventStore
 from app.tools.calls import ToolRegistry, default_tools
 
 T = TypeVar("T")
 log = logging.getLogger("trellis.supervisor")
-
-#: How long ``interrupt`` waits for the stopped runs before answering. Built-in steps stop
-#: within milliseconds; a custom step that blocks without a cancellation point is reported
-#: as still running rather than holding the HTTP request hostage.
-INTERRUPT_JOIN_SECONDS = 1.0
 
 
 class RunSupervisor:
@@ -90,21 +87,16 @@ class RunSupervisor:
         self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
         self.io_limiter = trio.CapacityLimiter(settings.io_threads)
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
-        self._runs = ActiveRuns()
         self._line = SlotLine(self.run_limiter)
         #: Counters, histograms and live gauges for ``GET /metrics`` (a registry of its own).
         self.metrics = Metrics()
-        #: The server-wide stream's feed: status changes, limits, conversations, steps.
-        self.server_feed = ServerFeed(
-            self,
-            buffer_events=settings.stream_buffer_events,
-            retain_events=settings.server_stream_retain_events,
+        #: The feeds and the webhook dispatcher; the store's listeners while serving.
+        self.live = LiveHub(
+            settings, store, view=self, io=self.io, listeners=[self.metrics.events_appended]
         )
-        #: Where streams get new events (fed by the store after each commit) and the runs'
-        #: live text fragments.
-        self.feed = LocalFeed(settings.stream_buffer_events)
-        #: POSTs to a conversation's webhook when each of its runs ends (store listener).
-        self.webhooks = WebhookDispatcher(settings, store, self.io)
+        #: The hub's parts, by the names the API, the metrics and the tests use.
+        self.feed, self.server_feed = self.live.feed, self.live.server_feed
+        self.webhooks = self.live.webhooks
         self._shared = RunShared(
             settings=settings,
             registry=self.registry,
@@ -114,13 +106,15 @@ class RunSupervisor:
             io_limiter=self.io_limiter,
             run_threads=trio.CapacityLimiter(math.inf),
             line=self._line,
-            runs=self._runs,
+            runs=ActiveRuns(),
             ends=EndLedger(self._write_end),
             metrics=self.metrics,
-            on_step=self.server_feed.publish_step,
-            feed=self.feed,
+            on_step=self.live.server_feed.publish_step,
+            feed=self.live.feed,
         )
         self._desk = AdmissionDesk(self._shared, settings.max_queued_runs)
+        self._board = RunBoard(self._shared, self._desk, self.run_limiter)
+        self._stops = RunStops(self._shared, self._desk, self._board, self.live)
         self.metrics.collect_live(self)
         self._closing = trio.Event()
 
@@ -146,11 +140,7 @@ class RunSupervisor:
         touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
         if touched:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
-        self.feed.open()
-        self.store.add_listener(self.feed.publish)
-        self.store.add_listener(self.webhooks.listen)
-        self.store.add_listener(self.metrics.events_appended)
-        self.server_feed.open(self.store)
+        self.live.open()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._admit_into, nursery)
@@ -164,11 +154,7 @@ class RunSupervisor:
                 nursery.cancel_scope.cancel()  # the retry task; every run has ended
         finally:
             self._desk.nursery = None  # admits nothing more, however serve() ended
-            self.store.remove_listener(self.feed.publish)
-            self.store.remove_listener(self.webhooks.listen)
-            self.store.remove_listener(self.metrics.events_appended)
-            self.feed.end_all("shutdown")
-            self.server_feed.close(self.store)
+            self.live.close()  # streams a drain did not end: ended with "shutdown"
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
 
@@ -223,42 +209,16 @@ class RunSupervisor:
         and every run thread has returned — or, for threads that ignore cancellation past
         ``grace_seconds`` (default: ``shutdown_grace_seconds``), once their runs were
         recorded without them. Returns how many runs were abandoned that way (0 normally).
-        Webhooks still being delivered get what is left of the same grace period.
+        Then every stream gets the final statuses and ends with ``reason``; webhooks still
+        being delivered get what is left of the same grace period (see ``app/live/hub.py``).
         """
         self._desk.draining = True
-        handles = list(self._runs)
-        for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
-            handle.stop(reason)
         if grace_seconds is None:
             grace_seconds = self.settings.shutdown_grace_seconds
         deadline = trio.current_time() + grace_seconds
-        stuck = await self._join(handles, grace_seconds)
-        await self.feed.flush()  # streams get every final status, then their end
-        self.feed.end_all(reason)
-        self.server_feed.end_all(reason)  # its hops share the flushed FIFO
-        await self.webhooks.aclose(deadline)  # the final statuses' webhooks, bounded
-        if stuck:
-            log.error(
-                "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
-                " recorded their runs as paused and gave up waiting for them",
-                stuck,
-                grace_seconds,
-            )
-        return stuck
-
-    async def _join(self, handles: list[RunHandle], timeout_seconds: float) -> int:
-        """Wait for the runs to end; abandon those whose threads outlast the timeout.
-        Returns how many were abandoned."""
-        with trio.move_on_after(timeout_seconds):
-            for handle in handles:
-                await handle.done.wait()
-        stuck = [handle for handle in handles if not handle.done.is_set()]
-        for handle in stuck:
-            self._desk.abandoned.append(handle)
-            handle.abandon()
-        for handle in stuck:  # their tasks record the end, then unregister
-            await handle.done.wait()
-        return len(stuck)
+        abandoned = await self._stops.stop_all(reason, grace_seconds)
+        await self.live.close_after_drain(reason, deadline)
+        return abandoned
 
     @property
     def draining(self) -> bool:
@@ -344,7 +304,7 @@ class RunSupervisor:
     def max_queued_runs(self) -> int:
         return self._desk.max_queued_runs
 
-    # -- control -------------------------------------------------------------------------
+    # -- control (app/stopping.py) -------------------------------------------------------
 
     async def pause(self, conversation_id: str) -> RunRecord:
         """Stop the conversation's run at its next step boundary (``pausing`` until then).
@@ -354,24 +314,7 @@ class RunSupervisor:
         Errors:
             :class:`~app.errors.IllegalTransition` (409) when nothing is active.
         """
-        current, *later = self._runs_of(conversation_id, action="pause")
-        current.control.pause_requested = True
-        self.metrics.stop_requested([current, *later], "pause")
-        stopped = later if current.holds_slot else [current, *later]
-        for handle in stopped:
-            handle.stop("pause")
-        if stopped:  # they have no thread: their tasks record them paused right away
-            with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
-                for handle in stopped:
-                    await handle.done.wait()
-        if current.holds_slot:
-            # IllegalTransition: its thread has not recorded "running" yet (it will see the
-            # flag at its first boundary), or the run has just ended.
-            with contextlib.suppress(IllegalTransition):
-                await self.io(
-                    self.store.transition_run, current.run_id, Trigger.REQUEST_PAUSE, reason="pause"
-                )
-        return await self.get_run(conversation_id, current.run_id)
+        return await self._stops.pause(conversation_id)
 
     async def interrupt(self, conversation_id: str) -> RunRecord:
         """Stop every active run of the conversation now, even mid-step; wait briefly.
@@ -379,14 +322,7 @@ class RunSupervisor:
         Errors:
             :class:`~app.errors.IllegalTransition` (409) when nothing is active.
         """
-        handles = self._runs_of(conversation_id, action="interrupt")
-        self.metrics.stop_requested(handles, "interrupt")
-        for handle in handles:
-            handle.stop("interrupt")
-        with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
-            for handle in handles:
-                await handle.done.wait()
-        return await self.get_run(conversation_id, handles[0].run_id)
+        return await self._stops.interrupt(conversation_id)
 
     async def delete_conversation(
         self, conversation_id: str, *, delete_workspace: bool = False
@@ -400,90 +336,43 @@ class RunSupervisor:
 
         Errors:
             :class:`~app.errors.NotFound`; :class:`~app.workspaces.WorkspaceInUse` (409,
-            nothing deleted) when
-            ``delete_workspace`` names a workspace that another conversation's active run
-            works in.
+            nothing deleted) when ``delete_workspace`` names a workspace that another
+            conversation's active run works in.
         """
-        conversation = await self.io(self.store.get_conversation, conversation_id)
-        if delete_workspace:
-            workspaces.check_workspace_free(conversation, self._runs)
-        self._desk.deleting.add(conversation_id)
-        try:
-            handles = self._runs.of_conversation(conversation_id)
-            for handle in handles:
-                handle.stop("deleted")
-            await self._join(handles, self.settings.shutdown_grace_seconds)
-            await self.io(self.store.delete_conversation, conversation_id)
-            self.webhooks.forget(conversation_id)  # its pending deliveries: dropped
-            await self.feed.flush()
-            self.feed.end_conversation(conversation_id, "deleted")
-            self.server_feed.conversation_changed(conversation_id, "deleted")
-            if delete_workspace:
-                root = self.settings.workspaces_path
-                await workspaces.delete_workspace(
-                    conversation, self._runs, root, self.store, self.io
-                )
-        finally:
-            self._desk.deleting.discard(conversation_id)
+        await self._stops.delete_conversation(conversation_id, delete_workspace=delete_workspace)
 
     async def wait_run(
         self, conversation_id: str, run_id: str, timeout_seconds: float
     ) -> RunRecord | None:
         """The run's record once it has ended, or ``None`` if ``timeout_seconds`` passed."""
-        handle = self._runs.get(run_id)
-        if handle is not None and handle.conversation_id == conversation_id:
-            with trio.move_on_after(timeout_seconds):
-                await handle.done.wait()
-            if not handle.done.is_set():
-                return None
-        record = await self.get_run(conversation_id, run_id)
-        return record if record.status.value in ("paused", "finished", "error") else None
+        return await self._stops.wait_run(conversation_id, run_id, timeout_seconds)
 
-    def _runs_of(self, conversation_id: str, *, action: str) -> list[RunHandle]:
-        runs = self._runs.of_conversation(conversation_id)
-        if not runs:
-            raise IllegalTransition(
-                f"cannot {action}: the conversation has no queued or running run",
-                detail={"conversation_id": conversation_id},
-            )
-        return list(runs)
-
-    # -- queries -------------------------------------------------------------------------
+    # -- queries (app/run_board.py) ------------------------------------------------------
 
     async def get_run(self, conversation_id: str, run_id: str) -> RunRecord:
-        return self.with_position(await self.io(self.store.get_run, conversation_id, run_id))
+        """The run's stored record, with its live ``queue_position``."""
+        return await self._board.get_run(conversation_id, run_id)
 
     def queue_position(self, run_id: str) -> int | None:
         """1-based place in the line for a run slot (= the order runs will start)."""
-        return self._line.position(run_id)
+        return self._board.queue_position(run_id)
 
     def with_position(self, record: RunRecord) -> RunRecord:
         """``record`` with its live ``queue_position`` filled in."""
-        position = self._line.position(record.id)
-        if position is None:
-            return record
-        return record.model_copy(update={"queue_position": position})
+        return self._board.with_position(record)
 
     def active_runs(
         self, limit: int | None = None, *, running: bool | None = None
     ) -> list[tuple[str, bool, int | None]]:
-        """``(run_id, holds_slot, queue_position)`` of active runs: those holding a slot
-        first, then the slot line in start order, then runs waiting for their conversation.
-        ``running`` keeps only runs that hold (True) or wait for (False) a slot. At most
-        ``limit``: found without walking the rest of a long line."""
-        parts: list[Iterable[tuple[str, bool, int | None]]] = []
-        if running in (None, True):
-            parts.append((h.run_id, True, None) for h in self._runs if h.holds_slot)
-        if running in (None, False):
-            parts.append((run_id, False, n) for n, run_id in enumerate(self._line, start=1))
-            parts.append(
-                (h.run_id, False, None)
-                for h in self._runs
-                if not h.holds_slot and h.run_id not in self._line
-            )
-        return list(itertools.islice(itertools.chain(*parts), limit))
+        """``(run_id, holds_slot, queue_position)`` of active runs, slot holders first, then
+        in start order (see :meth:`RunBoard.active_runs <app.run_board.RunBoard.active_runs>`)."""
+        return self._board.active_runs(limit, running=running)
 
-    # -- limits and statistics -----------------------------------------------------------
+    def statistics(self) -> SupervisorStatistics:
+        """The supervisor's load, as one frozen record (``GET /api/server``)."""
+        return self._board.statistics()
+
+    # -- limits --------------------------------------------------------------------------
 
     def set_limits(
         self, *, max_concurrent_runs: int | None = None, max_queued_runs: int | None = None
@@ -496,25 +385,7 @@ class RunSupervisor:
             self._line.fill()
         if max_queued_runs is not None:
             self._desk.max_queued_runs = max_queued_runs
-        self.server_feed.limits_changed()
-
-    def statistics(self) -> SupervisorStatistics:
-        io, tool = self.io_limiter.statistics(), self.tool_limiter.statistics()
-        return SupervisorStatistics(
-            running=self._line.seated,
-            queued=self._desk.queued(),
-            waiting_for_slot=len(self._line),
-            run_threads_alive=self._shared.run_threads.borrowed_tokens,
-            max_concurrent_runs=int(self.run_limiter.total_tokens),
-            max_queued_runs=self.max_queued_runs,
-            io_borrowed=io.borrowed_tokens,
-            io_total=int(io.total_tokens),
-            io_waiting=io.tasks_waiting,
-            tool_borrowed=tool.borrowed_tokens,
-            tool_total=int(tool.total_tokens),
-            tool_waiting=tool.tasks_waiting,
-            draining=self._desk.draining,
-        )
+        self.live.limits_changed()
 
 
 @asynccontextmanager

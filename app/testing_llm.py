@@ -20,13 +20,11 @@ went out before the client stopped reading.
 
 Streams: a request with ``"stream": true`` gets a scripted completion (``text_reply``,
 ``tool_call_reply``, any 200 whose body has ``choices[0].message``) as OpenAI sends it:
-``text/event-stream`` in chunked encoding (keep-alive), a role chunk, the content in
-word-piece chunks (at most 5 characters of a word each, so a long word — or an API key —
-spans several), each tool call as a chunk with its ``index``, ``id`` and ``name`` then its
-``arguments`` in three pieces, a chunk with the ``finish_reason``, a ``usage`` chunk if
-``stream_options.include_usage`` asked for it, and ``data: [DONE]``
-(:func:`stream_chunks`). ``FakeChatServer(streaming=False)`` is a provider that cannot
-stream: it answers every request with plain JSON. For stream requests, the other cases:
+``text/event-stream`` in chunked encoding (keep-alive), in the chunks
+:mod:`app.testing_llm_stream` describes (content in word pieces of at most 5 characters,
+so a long word — or an API key — spans several). ``FakeChatServer(streaming=False)`` is a
+provider that cannot stream: it answers every request with plain JSON. For stream
+requests, the other cases:
 
 * errors (``error_reply``) and 200 bodies that are not completions: plain JSON, as ever;
 * ``drip_seconds``: the stream's bytes, one at a time;
@@ -52,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import selectors
 import socket
 import threading
@@ -63,43 +60,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import trio
-
-JsonObject = dict[str, Any]
-
-
-class StreamHold:
-    """Where a streamed answer stops until the test lets it go (see the module docstring).
-
-    ``reached`` is set once ``after_chunks`` chunks were written to the socket.
-    """
-
-    def __init__(self, after_chunks: int) -> None:
-        self.after_chunks = after_chunks
-        self.reached = threading.Event()
-        self._released = threading.Event()
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "reached" if self.reached.is_set() else "ahead"
-        return f"<StreamHold after {self.after_chunks} chunks, {state}>"
-
-    @property
-    def released(self) -> bool:
-        return self._released.is_set()
-
-    def release(self) -> None:
-        """Let the rest of the stream go (the server also releases it when closing)."""
-        self._released.set()
-
-    async def wait_reached(self) -> None:
-        """Wait (from Trio, in a thread on a limiter of its own) until the hold is reached."""
-        await trio.to_thread.run_sync(
-            self.reached.wait, limiter=trio.CapacityLimiter(1), abandon_on_cancel=True
-        )
-
-    def wait_released(self) -> None:
-        """Block (the server's handler thread) until :meth:`release`."""
-        self._released.wait()
+from app.testing_llm_stream import JsonObject, reply_events
+from app.testing_llm_stream import StreamHold as StreamHold  # re-exported: part of the script
+from app.testing_llm_stream import stream_chunks as stream_chunks  # re-exported, likewise
 
 
 @dataclass(frozen=True)
@@ -236,39 +199,6 @@ def _completion(
     return ScriptedReply(200, body, delay_seconds=delay_seconds)
 
 
-def stream_chunks(completion: JsonObject, *, include_usage: bool = True) -> list[JsonObject]:
-    """The chunks an OpenAI-compatible provider streams ``completion`` (a non-streamed
-    ``chat.completion`` body) as, in order; ``data: [DONE]`` follows them."""
-    head = {
-        "id": completion.get("id", "chatcmpl-fake"),
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": completion.get("model"),
-    }
-    choice = completion["choices"][0]
-
-    def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-
-    message = choice["message"]
-    chunks = [chunk({"role": "assistant", "content": ""})]
-    chunks += [chunk({"content": piece}) for piece in _WORD_PIECE.findall(message["content"] or "")]
-    for index, call in enumerate(message.get("tool_calls") or []):
-        name, arguments = call["function"]["name"], call["function"]["arguments"]
-        start = {"index": index, "id": call["id"], "type": "function"}
-        chunks.append(
-            chunk({"tool_calls": [{**start, "function": {"name": name, "arguments": ""}}]})
-        )
-        third = max(1, -(-len(arguments) // 3))
-        for at in range(0, len(arguments), third):
-            piece = {"index": index, "function": {"arguments": arguments[at : at + third]}}
-            chunks.append(chunk({"tool_calls": [piece]}))
-    chunks.append(chunk({}, choice.get("finish_reason")))
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": completion.get("usage")})
-    return chunks
-
-
 class FakeChatServer:
     """``POST /v1/chat/completions`` answered from a FIFO script; every request recorded."""
 
@@ -350,17 +280,9 @@ class FakeChatServer:
 
     def _events(self, reply: ScriptedReply, body: Any) -> Iterator[bytes] | None:
         """The server-sent events to answer ``body`` with, or None for plain JSON."""
-        asked = isinstance(body, dict) and body.get("stream") is True
-        if not (self.streaming and asked and reply.status == 200):
+        if not self.streaming:
             return None
-        options = body.get("stream_options")
-        usage = isinstance(options, dict) and options.get("include_usage") is True
-        if reply.streamed_bytes:
-            return _padding_events(reply.streamed_bytes)
-        if not _is_completion(reply.body):
-            return None
-        chunks = stream_chunks(reply.body, include_usage=usage)
-        return iter([*(_event(json.dumps(chunk)) for chunk in chunks), _event("[DONE]")])
+        return reply_events(body, reply.status, reply.body, reply.streamed_bytes)
 
     def _pass(self, hold: StreamHold | None, sent_chunks: int) -> bool:
         """Hold a stream at ``hold`` until released; False when the server is closing."""
@@ -465,30 +387,6 @@ class FakeChatServer:
                 pass  # keep test output clean
 
         return Handler
-
-
-#: A word-piece "token": up to 5 non-space characters and the spaces after them (or spaces).
-_WORD_PIECE = re.compile(r"\S{1,5}\s*|\s+")
-
-
-def _is_completion(body: Any) -> bool:
-    try:
-        return isinstance(body["choices"][0]["message"], dict)
-    except (TypeError, KeyError, IndexError):
-        return False
-
-
-def _event(data: str) -> bytes:
-    return f"data: {data}\n\n".encode()
-
-
-def _padding_events(total_bytes: int) -> Iterator[bytes]:
-    """Server-sent content chunks ``total_bytes`` long in all (about 64 KiB each, never
-    held in memory together)."""
-    words = "padding " * 8192
-    event = _event(json.dumps({"choices": [{"index": 0, "delta": {"content": words}}]}))
-    for _ in range(0, total_bytes, len(event)):
-        yield event
 
 
 def _padding(total_bytes: int) -> Iterator[bytes]:

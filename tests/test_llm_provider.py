@@ -17,7 +17,8 @@ import trio
 import trio.testing
 
 from app.agents import provider as provider_module
-from app.agents.provider import ProviderClient, ProviderError, retry_after_seconds
+from app.agents.provider import ProviderClient, ProviderError
+from app.backoff import retry_after_seconds
 from app.settings import LLMSettings
 from app.testing_llm import (
     FakeChatServer,

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -19,6 +21,7 @@ from app.settings import LLMSettings, Settings
 from app.testing import FakeChatServer, Gates, error_reply, gated_registry, text_reply
 from tests.conftest import gated, script
 from tests.live import LiveServer, live_server
+from tests.test_server_stream import server_stream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -152,6 +155,30 @@ async def test_metrics_stop_latency_is_observed_once_per_stopped_run(
         assert metrics.value("trellis_run_duration_seconds_count", status="paused") == 1
 
 
+async def test_metrics_an_interrupt_by_if_busy_interrupt_is_timed(
+    settings: Settings, gates: Gates
+) -> None:
+    """A new run started with ``if_busy=interrupt`` interrupts the running one: that stop
+    is one observation of the stop latency labelled ``interrupt``, as an interrupt request
+    is; the new run, which was not stopped, adds none."""
+    async with live_server(settings, gated_registry(gates)) as server:
+        conversation_id, run_id = await create(server, gated("a"))
+        await gates["a"].wait_entered()
+        replacing = await server.client.post(
+            f"/api/conversations/{conversation_id}/runs", json={"if_busy": "interrupt"}
+        )
+        assert replacing.status_code == 202, replacing.text
+        run = await wait_ended(server, conversation_id, run_id)
+        assert (run["status"], run["reason"]) == ("paused", "interrupt")
+        gates["a"].release()
+        new_run = await wait_ended(server, conversation_id, replacing.json()["id"])
+        assert new_run["status"] == "finished"
+        metrics = await scrape(server)
+        assert metrics.value("trellis_run_stop_latency_seconds_count", action="interrupt") == 1
+        assert metrics.value("trellis_run_stop_latency_seconds_sum", action="interrupt") > 0
+        assert len(metrics.matching("trellis_run_stop_latency_seconds_count")) == 1
+
+
 async def test_metrics_http_latency_is_labelled_by_route_template_and_status(
     settings: Settings,
 ) -> None:
@@ -199,11 +226,20 @@ async def test_metrics_events_appended_count_every_stored_event_by_kind(
         assert len(stored) >= 3  # message, status, action/observation: a real mix
 
 
+def stream_counts(metrics: Scrape, feed: str) -> tuple[float, float]:
+    """(open subscriptions, drops) of one feed."""
+    return (
+        metrics.value("trellis_stream_subscribers", feed=feed),
+        metrics.value("trellis_stream_drops_total", feed=feed),
+    )
+
+
 async def test_metrics_a_dropped_slow_subscriber_is_counted(
     settings: Settings, gates: Gates
 ) -> None:
-    """A subscription that falls behind is dropped (slow_consumer): the subscriber gauge
-    goes back down and the drop counter goes up by one."""
+    """A conversation subscription that falls behind is dropped (slow_consumer): its
+    feed's subscriber gauge goes back down and its drop counter goes up by one; the
+    server feed's series stay apart, at 0."""
     settings = settings.model_copy(update={"stream_buffer_events": 3})
     async with live_server(settings, gated_registry(gates)) as server:
         sup = server.supervisor
@@ -211,8 +247,8 @@ async def test_metrics_a_dropped_slow_subscriber_is_counted(
         await gates["slow"].wait_entered()
         with sup.feed.subscribe(conversation_id) as subscription:
             metrics = await scrape(server)
-            assert metrics.value("trellis_stream_subscribers") == 1
-            assert metrics.value("trellis_stream_drops_total") == 0
+            assert stream_counts(metrics, "conversation") == (1, 0)
+            assert stream_counts(metrics, "server") == (0, 0)
             for i in range(5):  # nobody reads
                 await sup.io(
                     sup.store.append_event,
@@ -224,9 +260,34 @@ async def test_metrics_a_dropped_slow_subscriber_is_counted(
             await sup.feed.flush()
             assert subscription.ended == StreamEnd("slow_consumer")
             metrics = await scrape(server)
-        assert metrics.value("trellis_stream_subscribers") == 0
-        assert metrics.value("trellis_stream_drops_total") == 1
+        assert stream_counts(metrics, "conversation") == (0, 1)
+        assert stream_counts(metrics, "server") == (0, 0)
         gates["slow"].release()
+
+
+async def test_metrics_a_dropped_server_stream_subscriber_is_counted(
+    settings: Settings,
+) -> None:
+    """A client of GET /api/events/stream that falls ``stream_buffer_events`` frames behind
+    is dropped (slow_consumer): the server feed's subscriber gauge goes back down and its
+    drop counter goes up by one; the conversation feed's series stay at 0."""
+    settings = settings.model_copy(update={"stream_buffer_events": 3})
+    async with live_server(settings) as server:
+        sup = server.supervisor
+        async with server_stream(server) as frames:
+            assert (await frames.next())["event"] == "snapshot"
+            metrics = await scrape(server)
+            assert stream_counts(metrics, "server") == (1, 0)
+            await trio.testing.wait_all_tasks_blocked()  # the stream waits for its next frame
+            for limit in range(4, 9):  # five frames in one step: nobody reads meanwhile
+                sup.set_limits(max_queued_runs=limit)
+            frame = await frames.next()
+            while frame.get("event") != "end":
+                frame = await frames.next()
+        assert frame["data"]["reason"] == "slow_consumer"
+        metrics = await scrape(server)
+        assert stream_counts(metrics, "server") == (0, 1)
+        assert stream_counts(metrics, "conversation") == (0, 0)
 
 
 async def test_metrics_llm_requests_retries_and_tokens(

@@ -68,9 +68,9 @@ async def test_deltas_reach_an_sse_client_before_the_stored_message(tmp_path: Pa
                     assert not any(f.get("data", {}).get("source") == "agent" for f in early)
                     hold.release()
                     received = early + await frames_until_agent_message(frames)
-                last_seq = await count(server, conversation_id)
-                async with stream(server, conversation_id, after_seq=last_seq - 1) as resumed:
-                    (again,) = await resumed.events_until(last_seq)
+                message_seq = int(received[-1]["id"])
+                async with stream(server, conversation_id, after_seq=message_seq - 1) as resumed:
+                    again = await resumed.next()
     deltas = [f for f in received if f.get("event") == "delta"]
     assert all("id" not in f for f in deltas)
     assert "".join(f["data"]["text"] for f in deltas) == ANSWER

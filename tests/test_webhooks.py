@@ -18,7 +18,7 @@ import trio
 
 from app.events import WebhookPayload
 from app.live import webhooks
-from app.live.webhooks import url_problem
+from app.live.webhook_policy import url_problem
 from app.settings import Settings
 from app.store import EventQuery, SqliteStore
 from tests.live import LiveServer, live_server

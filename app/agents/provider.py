@@ -9,10 +9,10 @@ provider's number and password written on it: runs choose which line to pick up,
 which number it dials, and a line never dials anyone else (redirects are not followed).
 
 Ownership: :class:`~app.agents.providers.Providers` creates one per provider and closes them
-when the registry is closed (after every run returned). The httpx client is created lazily,
-on the Trio thread, by the first request — but *built* in a worker thread (on a limiter of
-its own, never Trio's default one), because loading the CA bundle for its TLS context takes
-~40 ms. After :meth:`~ProviderClient.aclose` the next request builds a new client.
+when the registry is closed (after every run returned). The httpx client is built by the
+first request, in a worker thread of its own (:class:`~app.lazy_client.LazyAsyncClient`:
+its TLS context takes ~40 ms). After :meth:`~ProviderClient.aclose` the next request builds
+a new client.
 
 Limits — each a setting of the provider's table:
 
@@ -56,15 +56,11 @@ Errors::
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import math
-import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,6 +68,8 @@ import httpx
 import trio
 
 from app.agents.completion_stream import CompletionStream, StreamError
+from app.backoff import backoff_seconds
+from app.lazy_client import LazyAsyncClient
 from app.redact import mask_urls, redact_secrets
 from app.settings import DEFAULT_PROVIDER, ProviderSettings
 
@@ -144,10 +142,8 @@ class ProviderClient:
         #: What must never come back out: the key, and the password of the URL.
         self._secrets = (api_key, urlsplit(settings.base_url).password)
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._opening = trio.Lock()
-        # One thread builds the client; a second first request waits for it on the lock.
         self._build_threads = trio.CapacityLimiter(1)
+        self._http = LazyAsyncClient(self._build_client, limiter=self._build_threads)
         self._requests = 0
         self._retries = 0
 
@@ -160,7 +156,7 @@ class ProviderClient:
         )
 
     def statistics(self) -> ProviderStatistics:
-        return ProviderStatistics(self._client is not None, self._requests, self._retries)
+        return ProviderStatistics(self._http.statistics().open, self._requests, self._retries)
 
     def setting(self, field: str) -> str:
         """How messages name one of this provider's settings: ``llm.max_retries`` for the
@@ -197,7 +193,7 @@ class ProviderClient:
         if on_text is not None:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         with trio.move_on_after(self.settings.step_timeout_seconds):
-            client = await self._open()
+            client = await self._http.get()
             return await self._post_with_retries(client, body, tally)
         seconds = self.settings.step_timeout_seconds
         raise ProviderError(
@@ -215,18 +211,7 @@ class ProviderClient:
         Cancellation:
             Shielded: closing sockets is quick, and a half-closed pool would leak them.
         """
-        client, self._client = self._client, None
-        if client is not None:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-
-    async def _open(self) -> httpx.AsyncClient:
-        async with self._opening:
-            if self._client is None:
-                self._client = await trio.to_thread.run_sync(
-                    self._build_client, limiter=self._build_threads
-                )
-            return self._client
+        await self._http.aclose()
 
     def _build_client(self) -> httpx.AsyncClient:
         """Worker thread: the client, with its TLS context (the slow part) built here.
@@ -253,7 +238,12 @@ class ProviderClient:
             tally.last_failure = outcome.failure
             if not outcome.retry or attempt == total:
                 break
-            delay = self._backoff(attempt - 1, outcome.retry_after)
+            delay = backoff_seconds(
+                attempt - 1,
+                outcome.retry_after,
+                base_seconds=self.settings.backoff_base_seconds,
+                max_seconds=self.settings.backoff_max_seconds,
+            )
             log.warning(
                 "llm request attempt %d of %d failed (%s); retrying in %.2f s",
                 attempt,
@@ -337,31 +327,6 @@ class ProviderClient:
             f"the model provider's answer is larger than {self.setting('max_response_bytes')}"
             f" ({self.settings.max_response_bytes} bytes); it was not read further"
         )
-
-    def _backoff(self, retry: int, retry_after: str | None) -> float:
-        """Seconds before the next attempt: ``Retry-After`` if it parses, else exponential
-        with full jitter (0.5x to 1.5x); never more than ``backoff_max_seconds``."""
-        seconds = retry_after_seconds(retry_after) if retry_after is not None else None
-        if seconds is None:
-            base = self.settings.backoff_base_seconds * 2**retry
-            seconds = base * random.uniform(0.5, 1.5)
-        return min(seconds, self.settings.backoff_max_seconds)
-
-
-def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
-    """A ``Retry-After`` header as seconds from ``now``: ``"1.5"`` or an HTTP date
-    (``"Wed, 21 Oct 2015 07:28:00 GMT"``); a date in the past is 0. None if it is neither."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # "-0000": UTC, says RFC 5322
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def _broken(failure: str, log_as: str, stream: CompletionStream | None) -> _Attempt:

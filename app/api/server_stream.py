@@ -30,7 +30,6 @@ starts, so a response never sent leaves none.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -38,10 +37,10 @@ import trio
 from pydantic import Field
 from quart import Blueprint, Response
 
+from app.api import sse
 from app.api.http import parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import _Strict
-from app.api.streams import _last_event_id
 from app.live.feed import StreamEnd
 from app.live.server_feed import ServerFeed, ServerFrame, ServerSubscription
 from app.records import RunRecord
@@ -72,11 +71,7 @@ class ServerStreamQuery(_Strict):
 async def stream_server_events() -> Response:
     sup = supervisor()
     query = parse_query(ServerStreamQuery)
-    after = max(query.after_seq or 0, _last_event_id())
-    response = Response(_body(sup, after), content_type="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.timeout = None  # Quart's 60 s response timeout would cut the stream
-    return response
+    return sse.sse_response(_body(sup, sse.resume_point(query.after_seq)))
 
 
 async def _body(sup: RunSupervisor, after: int) -> AsyncGenerator[bytes, None]:
@@ -87,7 +82,7 @@ async def _body(sup: RunSupervisor, after: int) -> AsyncGenerator[bytes, None]:
         if missed is None:
             snapshot = await _snapshot(sup, feed)
             last = snapshot["seq"]
-            yield _frame("snapshot", snapshot, last)
+            yield sse.json_frame("snapshot", snapshot, last)
         else:
             last = after
             for frame in missed:
@@ -106,9 +101,9 @@ async def _follow(
         with trio.move_on_after(heartbeat) as idle:
             item = await subscription.receive()
         if idle.cancelled_caught:
-            yield b": heartbeat\n\n"
+            yield sse.HEARTBEAT
         elif isinstance(item, StreamEnd):
-            yield _frame("end", {"reason": item.reason, "last_seq": last})
+            yield sse.end_frame(item.reason, last)
             return
         else:
             yield _render(item)
@@ -162,10 +157,5 @@ def _queued(run: RunRecord, position: int | None) -> dict[str, Any]:
 
 
 def _render(frame: ServerFrame) -> bytes:
-    return _frame(frame.type, frame.data, frame.seq)
-
-
-def _frame(event: str, data: dict[str, Any], seq: int | None = None) -> bytes:
-    """One SSE frame; with an ``id`` line only when it carries a ``seq``."""
-    head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    """One SSE frame; with an ``id`` line only when it carries a ``seq`` (not a step)."""
+    return sse.json_frame(frame.type, frame.data, frame.seq)

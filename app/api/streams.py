@@ -17,7 +17,8 @@ or ``slow_consumer`` (the client fell ``stream_buffer_events`` behind: reconnect
 ``Last-Event-ID`` to resume).
 
 What is sent, and in which order, is decided by :func:`app.live.follow.follow_conversation`
-(shared with the WebSocket stream, ``app/api/ws_stream.py``); this module only renders it.
+(shared with the WebSocket stream, ``app/api/ws_stream.py``); this module only renders it,
+with the SSE plumbing of :mod:`app.api.sse` (shared with the server-wide stream).
 
 Cancellation: a client that disconnects cancels the body generator; the follower (and its
 subscription) is closed on the way out, so nothing is left behind.
@@ -25,19 +26,17 @@ subscription) is closed on the way out, so nothing is left behind.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import pydantic_core
 from pydantic import Field, field_validator
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
-from app.api import http
+from app.api import http, sse
 from app.api.http import parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import _Strict
-from app.errors import InvalidInput
 from app.events import EVENT_KINDS, Event
 from app.live.feed import Delta
 from app.live.follow import End, FollowItem, Heartbeat, follow_conversation
@@ -82,25 +81,9 @@ class StreamQuery(_Strict):
 async def stream_events(conversation_id: str) -> Response:
     sup = supervisor()
     query = parse_query(StreamQuery)
-    after = max(query.after_seq or 0, _last_event_id())
+    after = sse.resume_point(query.after_seq)
     await http.get_conversation(sup, conversation_id)  # 404 before the stream starts
-    body = _frames(sup, conversation_id, after, query.kind_set())
-    response = Response(body, content_type="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.timeout = None  # Quart's 60 s response timeout would cut the stream
-    return response
-
-
-def _last_event_id() -> int:
-    header = request.headers.get("Last-Event-ID")
-    if header is None or header == "":
-        return 0
-    if not header.isdigit() or int(header) > INT64_MAX:
-        raise InvalidInput(
-            "Last-Event-ID must be the seq of an event (a whole number)",
-            detail=[{"loc": ["header", "Last-Event-ID"], "msg": "not a seq"}],
-        )
-    return int(header)
+    return sse.sse_response(_frames(sup, conversation_id, after, query.kind_set()))
 
 
 async def _frames(
@@ -117,12 +100,11 @@ async def _frames(
 def render(item: FollowItem) -> bytes:
     """One SSE frame for ``item``."""
     if isinstance(item, Event):
-        return b"id: %d\ndata: %s\n\n" % (item.seq, pydantic_core.to_json(item))
+        return sse.frame(pydantic_core.to_json(item), seq=item.seq)  # the events list's JSON
     if isinstance(item, Delta):
         data = {"run_id": item.run_id, "text": item.text, "after_seq": item.after_seq}
-        return b"event: delta\ndata: %s\n\n" % pydantic_core.to_json(data)
+        return sse.frame(pydantic_core.to_json(data), event="delta")
     if isinstance(item, Heartbeat):
-        return b": heartbeat\n\n"
+        return sse.HEARTBEAT
     assert isinstance(item, End)
-    data_end = json.dumps({"reason": item.reason, "last_seq": item.last_seq})
-    return f"event: end\ndata: {data_end}\n\n".encode()
+    return sse.end_frame(item.reason, item.last_seq)

@@ -66,13 +66,17 @@ class Mailbox(Generic[T]):
     """A bounded buffer of items for one reader, then a :class:`StreamEnd`.
 
     The writer never waits: :meth:`deliver` queues an item, or, when the reader has let
-    ``buffer_events`` items pile up, ends the mailbox with ``slow_consumer`` instead.
+    ``buffer_events`` items pile up, ends the mailbox with ``slow_consumer`` instead — a
+    *drop*, which it reports by calling ``dropped`` (once), so that its feed counts it.
     ``leave`` is called when the mailbox ends or closes, so that its feed forgets it.
     Trio thread only. Close it when done (``with`` block).
     """
 
-    def __init__(self, buffer_events: int, leave: Callable[[], None]) -> None:
+    def __init__(
+        self, buffer_events: int, leave: Callable[[], None], dropped: Callable[[], None]
+    ) -> None:
         self._leave = leave
+        self._dropped = dropped
         # One extra slot, so that the end can always be queued after a full buffer.
         self._send, self._receive = trio.open_memory_channel[T | StreamEnd](buffer_events + 1)
         self._capacity = buffer_events
@@ -96,6 +100,7 @@ class Mailbox(Generic[T]):
             return
         if self._receive.statistics().current_buffer_used >= self._capacity:
             self.end(StreamEnd("slow_consumer"))
+            self._dropped()
             return
         self._send.send_nowait(item)
 
@@ -118,14 +123,8 @@ class Subscription(Mailbox[Event | Delta]):
     """
 
     def __init__(self, feed: LocalFeed, conversation_id: str, buffer_events: int) -> None:
-        super().__init__(buffer_events, lambda: feed.forget(self))
+        super().__init__(buffer_events, lambda: feed.forget(self), feed.count_drop)
         self.conversation_id = conversation_id
-        self._feed = feed
-
-    def end(self, end: StreamEnd) -> None:
-        if self.ended is None and end.reason == "slow_consumer":
-            self._feed.drops += 1
-        super().end(end)
 
 
 class EventFeed(Protocol):
@@ -166,6 +165,10 @@ class LocalFeed:
         subscription = Subscription(self, conversation_id, self.buffer_events)
         self._subscribers.setdefault(conversation_id, set()).add(subscription)
         return subscription
+
+    def count_drop(self) -> None:
+        """A subscription was dropped as a slow consumer (its mailbox calls this)."""
+        self.drops += 1
 
     def forget(self, subscription: Subscription) -> None:
         subs = self._subscribers.get(subscription.conversation_id)

@@ -22,10 +22,11 @@ snapshot of the whole state instead (built by ``app/api/server_stream.py``).
 
 Publishing never blocks and never waits for a subscriber: each subscriber has a bounded
 :class:`~app.live.feed.Mailbox`, ended with ``slow_consumer`` when it falls
-``stream_buffer_events`` behind. Every frame is made on the Trio thread — status events
-and steps hop there from the thread that committed them (``run_sync_soon``, FIFO: commit
-order is kept) — so reading the supervisor's state while making one is safe, and costs
-O(log n) at most (a queue position is a bisection of the slot line; nothing walks the line).
+``stream_buffer_events`` behind (counted in :attr:`ServerFeed.drops`, as ``LocalFeed``
+counts its own). Every frame is made on the Trio thread — status events and steps hop there
+from the thread that committed them (``run_sync_soon``, FIFO: commit order is kept) — so
+reading the supervisor's state while making one is safe, and costs O(log n) at most (a
+queue position is a bisection of the slot line; nothing walks the line).
 
 Ownership: the supervisor creates the feed, opens it when it starts serving (which makes it
 the store's listener), and ends every subscription with ``shutdown`` after a drain, once
@@ -78,7 +79,7 @@ class ServerSubscription(Mailbox[ServerFrame]):
     """
 
     def __init__(self, feed: ServerFeed, buffer_events: int) -> None:
-        super().__init__(buffer_events, lambda: feed.forget(self))
+        super().__init__(buffer_events, lambda: feed.forget(self), feed.count_drop)
 
 
 class ServerFeed:
@@ -92,6 +93,8 @@ class ServerFeed:
         self._retained: deque[ServerFrame] = deque(maxlen=retain_events)
         self._subscribers: set[ServerSubscription] = set()
         self._token: trio.lowlevel.TrioToken | None = None
+        #: Subscriptions ended because their reader fell behind (``GET /metrics`` reads it).
+        self.drops = 0
 
     def __len__(self) -> int:
         """Subscriptions open right now."""
@@ -129,6 +132,10 @@ class ServerFeed:
         subscription = ServerSubscription(self, self.buffer_events)
         self._subscribers.add(subscription)
         return subscription
+
+    def count_drop(self) -> None:
+        """A subscription was dropped as a slow consumer (its mailbox calls this)."""
+        self.drops += 1
 
     def forget(self, subscription: ServerSubscription) -> None:
         self._subscribers.discard(subscription)

@@ -21,29 +21,21 @@ warning is logged and a ``failed`` ``webhook`` event with ``attempts: 0`` is rec
 the conversation, so a client learns what it missed.
 
 Delivery: at most :data:`MAX_CONCURRENT_DELIVERIES` at once, with one
-:class:`httpx.AsyncClient` on the Trio thread. Why not a blocking client on the I/O
+:class:`httpx.AsyncClient` on the Trio thread (built on first use:
+:class:`~app.lazy_client.LazyAsyncClient`). Why not a blocking client on the I/O
 limiter: a receiver that takes ``webhook_timeout_seconds`` to answer would hold an I/O
 thread that long, and eight slow receivers would stall every HTTP handler's store call;
 the async request holds no thread, never blocks the Trio thread (every wait is a
 checkpoint) and is cancelled at once. The dispatcher's *store* calls (reading the run,
-recording the outcome) go through the I/O limiter. Redirects are never followed; each
-POST gets ``webhook_timeout_seconds``, answer included (the answer's body is never read).
-5xx, 408, 429, timeouts and connection errors are retried up to ``webhook_max_attempts``
-POSTs in all, after ``webhook_backoff_base_seconds * 2^retry`` (jittered 0.5x-1.5x; a
-``Retry-After`` header wins; both at most :data:`BACKOFF_MAX_SECONDS`). Any other answer is
-final. Each delivery's final outcome is recorded as one ``webhook`` event of the run
-(``delivered`` or ``failed``, with the number of attempts), not one per attempt: a
-receiver that fails for an hour should not flood the log the agent reads.
-
-The POST: the JSON body of :func:`delivery_body`, ``Content-Type: application/json``,
-``User-Agent: trellis/<version>``, ``Trellis-Delivery: <uuid>`` (the same for every
-attempt of one delivery, so receivers can de-duplicate) and ``Trellis-Signature:
-sha256=<hex>``, the HMAC-SHA256 of the exact body bytes under ``webhook_secret``.
-
-Who may ask: :func:`check_webhook` refuses (422), at creation, a URL that does not start
-with a ``webhook_allowed_urls`` prefix at a ``/``, ``?`` or ``#`` boundary (none by
-default), one with user info or a ``..`` segment, and any webhook while the server has no
-``webhook_secret`` (an unsigned POST cannot be told from a forged one).
+recording the outcome) go through the I/O limiter. Each POST gets
+``webhook_timeout_seconds``, answer included. 5xx, 408, 429, timeouts and connection errors
+are retried up to ``webhook_max_attempts`` POSTs in all, after
+``webhook_backoff_base_seconds * 2^retry`` (jittered 0.5x-1.5x; a ``Retry-After`` header
+wins; both at most :data:`BACKOFF_MAX_SECONDS`). Any other answer is final. What is sent, to
+which URLs, and how answers are judged: :mod:`app.live.webhook_policy`. Each delivery's
+final outcome is recorded as one ``webhook`` event of the run (``delivered`` or ``failed``,
+with the number of attempts), not one per attempt: a receiver that fails for an hour
+should not flood the log the agent reads.
 
 Ownership and cancellation:
     The supervisor creates the dispatcher, starts :meth:`WebhookDispatcher.serve` in its
@@ -58,26 +50,30 @@ Ownership and cancellation:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
-import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from functools import partial
 from typing import Any, Literal
 
 import httpx
-import pydantic_core
 import trio
 
-from app._version import __version__
-from app.agents.provider import retry_after_seconds
-from app.errors import InvalidInput, NotFound
+from app.backoff import backoff_seconds
+from app.errors import NotFound
 from app.events import Event, Source, StatusPayload, WebhookPayload
+from app.lazy_client import LazyAsyncClient
 from app.lifecycle import TERMINAL
+from app.live.webhook_policy import (
+    Attempt,
+    build_client,
+    delivery_body,
+    delivery_headers,
+    judge_answer,
+)
+from app.live.webhook_policy import check_webhook as check_webhook  # app.api imports it here
 from app.records import ConversationRecord, RunRecord
 from app.settings import Settings
 from app.store.base import EventStore
@@ -94,77 +90,8 @@ BACKOFF_MAX_SECONDS = 300.0
 #: After the drain's deadline, how long recording the last outcomes may take before the
 #: dispatcher gives up on them (each is one small transaction).
 _RECORD_GRACE_SECONDS = 0.5
-RETRIED_STATUSES = frozenset({408, 429})  # and every 5xx
 
 IO = Callable[..., Awaitable[Any]]
-
-
-def check_webhook(url: str, settings: Settings) -> None:
-    """Refuse a webhook this server will not call (see the module docstring).
-
-    Errors: :class:`~app.errors.InvalidInput` (422) at ``body.webhook.url``, saying why.
-    """
-    problem = url_problem(url, settings.webhook_allowed_urls)
-    if problem is None and not settings.webhook_secret:
-        problem = "webhook needs the server setting webhook_secret"
-    if problem is not None:
-        raise InvalidInput(
-            f"invalid input: body.webhook.url: {problem}",
-            detail=[{"loc": ["body", "webhook", "url"], "msg": problem, "type": "webhook_url"}],
-        )
-
-
-def url_problem(url: str, allowed: list[str]) -> str | None:
-    """Why ``url`` may not be called, or ``None``: it must start with an ``allowed``
-    prefix that ends at a boundary of the URL (``http://h:80`` does not allow
-    ``http://h:8000`` nor ``http://h:80@elsewhere``)."""
-    if not allowed:
-        return "webhooks are off: the server setting webhook_allowed_urls is empty"
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return "not a valid URL"
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        return "not an http(s) URL"
-    if parsed.userinfo or any(c.isspace() or ord(c) < 32 for c in url):
-        return "the URL may not carry user info, spaces or control characters"
-    if ".." in url.split("?", 1)[0].split("#", 1)[0].split("/"):
-        return "the URL may not contain a '..' segment"
-    for prefix in allowed:
-        rest = url[len(prefix) :]
-        if url.startswith(prefix) and (prefix.endswith("/") or rest[:1] in ("", "/", "?", "#")):
-            return None
-    return "the URL does not start with any of the server's webhook_allowed_urls"
-
-
-def sign(secret: str, body: bytes) -> str:
-    """The ``Trellis-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 of ``body``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def delivery_body(run: RunRecord, delivery_id: str) -> bytes:
-    """The JSON sent for the end of ``run``: ids, status, reason and timings (ms)."""
-
-    def ms(start: datetime | None, end: datetime | None) -> float | None:
-        if start is None or end is None:
-            return None
-        return round((end - start).total_seconds() * 1000, 1)
-
-    return pydantic_core.to_json(
-        {
-            "delivery_id": delivery_id,
-            "conversation_id": run.conversation_id,
-            "run_id": run.id,
-            "status": run.status,
-            "reason": run.reason,
-            "queued_at": run.queued_at,
-            "started_at": run.started_at,
-            "finished_at": run.finished_at,
-            "queue_wait_ms": ms(run.queued_at, run.started_at),
-            "duration_ms": ms(run.started_at, run.finished_at),
-            "steps": run.steps,
-        }
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +110,6 @@ class Outcome:
     attempts: int
     status_code: int | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Attempt:
-    status_code: int | None = None
-    error: str | None = None  # None: delivered
-    retry: bool = False
-    retry_after: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +137,7 @@ class WebhookDispatcher:
         self._slots = trio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         self._scopes: dict[str, set[trio.CancelScope]] = {}  # by conversation
         self._deadline = math.inf  # set by aclose: when the last deliveries are cut
-        self._client: httpx.AsyncClient | None = None
-        self._opening = trio.Lock()
-        self._build_threads = trio.CapacityLimiter(1)  # builds the client (TLS context)
+        self._http = LazyAsyncClient(partial(build_client, settings.webhook_timeout_seconds))
         self._in_flight = 0
         self._delivered = 0
         self._failed = 0
@@ -243,7 +160,10 @@ class WebhookDispatcher:
 
     def listen(self, events: list[Event]) -> None:
         """Store listener: hand the run ends among ``events`` to the Trio thread. Any
-        thread, write lock held: never blocks."""
+        thread, write lock held: never blocks. Without ``webhook_secret`` nothing can be
+        signed (and no conversation can have been given a webhook): nothing to do."""
+        if not self.settings.webhook_secret:
+            return
         ends = [
             RunEnd(event.conversation_id, event.run_id)
             for event in events
@@ -301,7 +221,7 @@ class WebhookDispatcher:
                     nursery.start_soon(self._deliver, end)
         finally:
             self._token = None
-            await self._close_client()
+            await self._http.aclose()
             self._done.set()
 
     async def aclose(self, deadline: float) -> None:
@@ -389,18 +309,13 @@ class WebhookDispatcher:
         """POST ``body`` until delivered, refused or out of attempts; ``None`` when the
         conversation was deleted meanwhile (:meth:`forget`). ``attempts`` counts the POSTs
         started, one cut by the shutdown deadline included."""
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": f"trellis/{__version__}",
-            "Trellis-Delivery": delivery_id,
-            "Trellis-Signature": sign(self.settings.webhook_secret, body),
-        }
+        headers = delivery_headers(self.settings.webhook_secret, delivery_id, body)
         scope = trio.CancelScope(deadline=self._deadline)
         self._scopes.setdefault(end.conversation_id, set()).add(scope)
-        attempts, last = 0, _Attempt()
+        attempts, last = 0, Attempt()
         try:
             with scope:
-                client = await self._open()
+                client = await self._http.get()
                 while True:
                     attempts += 1
                     last = await self._attempt(client, url, body, headers)
@@ -410,7 +325,14 @@ class WebhookDispatcher:
                         return Outcome("failed", attempts, last.status_code, last.error)
                     if self._deadline < math.inf:
                         return Outcome("failed", attempts, last.status_code, "shutdown")
-                    await trio.sleep(self._backoff(attempts - 1, last.retry_after))
+                    await trio.sleep(
+                        backoff_seconds(
+                            attempts - 1,
+                            last.retry_after,
+                            base_seconds=self.settings.webhook_backoff_base_seconds,
+                            max_seconds=BACKOFF_MAX_SECONDS,
+                        )
+                    )
         finally:
             scopes = self._scopes[end.conversation_id]
             scopes.discard(scope)
@@ -422,36 +344,18 @@ class WebhookDispatcher:
 
     async def _attempt(
         self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
-    ) -> _Attempt:
+    ) -> Attempt:
         seconds = self.settings.webhook_timeout_seconds
         with trio.move_on_after(seconds):
             try:
                 async with client.stream("POST", url, content=body, headers=headers) as response:
                     status = response.status_code  # the body is never read
             except httpx.RequestError as exc:
-                return _Attempt(
-                    error=f"cannot reach the receiver: {type(exc).__name__}", retry=True
-                )
-            if 200 <= status < 300:
-                return _Attempt(status_code=status)
-            retry = status >= 500 or status in RETRIED_STATUSES
-            note = " (redirects are not followed)" if 300 <= status < 400 else ""
-            return _Attempt(
-                status,
-                f"the receiver answered {status}{note}",
-                retry,
-                response.headers.get("Retry-After"),
-            )
-        return _Attempt(
+                return Attempt(error=f"cannot reach the receiver: {type(exc).__name__}", retry=True)
+            return judge_answer(status, response.headers.get("Retry-After"))
+        return Attempt(
             error=f"no answer within webhook_timeout_seconds ({seconds:g} s)", retry=True
         )
-
-    def _backoff(self, retry: int, retry_after: str | None) -> float:
-        seconds = retry_after_seconds(retry_after) if retry_after is not None else None
-        if seconds is None:
-            base = self.settings.webhook_backoff_base_seconds * 2**retry
-            seconds = base * random.uniform(0.5, 1.5)
-        return min(seconds, BACKOFF_MAX_SECONDS)
 
     async def _record(self, end: RunEnd, sent: tuple[str, str] | None, outcome: Outcome) -> None:
         """Append the outcome as a ``webhook`` event of the run (shielded; skipped when
@@ -498,26 +402,3 @@ class WebhookDispatcher:
                 pass  # deleted meanwhile
             except Exception:
                 log.exception("could not record the webhook outcome of run %s", end.run_id)
-
-    # -- the HTTP client ---------------------------------------------------------------------
-
-    async def _open(self) -> httpx.AsyncClient:
-        async with self._opening:
-            if self._client is None:
-                self._client = await trio.to_thread.run_sync(
-                    self._build_client, limiter=self._build_threads
-                )
-            return self._client
-
-    def _build_client(self) -> httpx.AsyncClient:
-        """Worker thread: the client, with its TLS context (the ~40 ms part) built here.
-        Redirects are never followed (the allow-list must bind every hop), and no proxy
-        from the environment is used (the request goes to the URL that was checked)."""
-        timeout = httpx.Timeout(self.settings.webhook_timeout_seconds)
-        return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
-
-    async def _close_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with trio.CancelScope(shield=True):
-                await client.aclose()

@@ -1,0 +1,190 @@
+"""Stopping runs, and waiting for them to end: pause, interrupt, delete, drain.
+
+A stop is a request, never a kill: :meth:`RunHandle.stop` cancels the run's scopes, so a
+queued run leaves the line without starting a thread and a running one stops at its next
+cancellation point (see ``app/conversation.py``). The run's task then records the end and
+sets ``handle.done`` (``app/run_task.py``); that is what everything here waits for. Only how
+long differs:
+
+* **Briefly** — ``interrupt``, and ``pause`` for the runs it stops at once, wait at most
+  :data:`INTERRUPT_JOIN_SECONDS` and answer with the run's record as it is then.
+* **Until recorded, bounded** — deleting a conversation and the supervisor's drain must not
+  go on before the runs' ends are committed. They wait up to ``shutdown_grace_seconds``;
+  a thread that ignores cancellation longer is *abandoned* (:meth:`RunHandle.abandon`): its
+  task records the run ``paused`` without it and unregisters, while the thread itself
+  (Python threads cannot be killed) runs on, holding its run slot, until it returns.
+  Admission keeps the abandoned handles (``AdmissionDesk.abandoned``) so that the counts
+  stay exact while those slots are held.
+
+A run slot is released only when a thread returns, never by a stop.
+
+Ownership: the supervisor creates one :class:`RunStops` and calls it on the Trio thread; it
+owns no task or thread. Every wait here is a checkpoint: cancelling a caller (a client
+that disconnects) leaves the runs stopping and their tasks recording their ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+
+from app import workspaces
+from app.admission import AdmissionDesk
+from app.errors import IllegalTransition
+from app.handles import RunHandle
+from app.lifecycle import TERMINAL, Trigger
+from app.live.hub import LiveHub
+from app.records import RunRecord
+from app.run_board import RunBoard
+from app.run_task import RunShared
+
+log = logging.getLogger("trellis.supervisor")
+
+#: How long ``interrupt`` waits for the stopped runs before answering. Built-in steps stop
+#: within milliseconds; a custom step that blocks without a cancellation point is reported
+#: as still running rather than holding the HTTP request hostage.
+INTERRUPT_JOIN_SECONDS = 1.0
+
+
+class RunStops:
+    """Pause, interrupt and delete a conversation's runs; stop every run for a drain."""
+
+    def __init__(
+        self, shared: RunShared, desk: AdmissionDesk, board: RunBoard, live: LiveHub
+    ) -> None:
+        self._shared = shared
+        self._desk = desk
+        self._board = board
+        self._live = live
+
+    async def pause(self, conversation_id: str) -> RunRecord:
+        """Flag the current run, whose thread stops at its next step boundary (recorded
+        ``pausing`` now if it is already running); stop the runs without a thread — the
+        current one if it has no slot yet, those enqueued behind it — at once, and wait
+        briefly for them.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        shared = self._shared
+        current, *later = self._runs_of(conversation_id, action="pause")
+        current.control.pause_requested = True
+        shared.metrics.stop_requested([current, *later], "pause")
+        stopped = later if current.holds_slot else [current, *later]
+        if stopped:  # they have no thread: their tasks record them paused right away
+            await _stop_briefly(stopped, "pause")
+        if current.holds_slot:
+            # IllegalTransition: its thread has not recorded "running" yet (it will see the
+            # flag at its first boundary), or the run has just ended.
+            with contextlib.suppress(IllegalTransition):
+                await shared.io(
+                    shared.store.transition_run,
+                    current.run_id,
+                    Trigger.REQUEST_PAUSE,
+                    reason="pause",
+                )
+        return await self._board.get_run(conversation_id, current.run_id)
+
+    async def interrupt(self, conversation_id: str) -> RunRecord:
+        """Stop every run of the conversation at once, wait briefly, and return the record
+        of the current one.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        handles = self._runs_of(conversation_id, action="interrupt")
+        self._shared.metrics.stop_requested(handles, "interrupt")
+        await _stop_briefly(handles, "interrupt")
+        return await self._board.get_run(conversation_id, handles[0].run_id)
+
+    async def delete_conversation(self, conversation_id: str, *, delete_workspace: bool) -> None:
+        """Stop the conversation's runs (reason ``deleted``), wait until their ends are
+        recorded (bounded: see the module docstring), then delete it from the store, end
+        its streams and, with ``delete_workspace``, delete its workspace directory (see
+        :mod:`app.workspaces`). Admission refuses the conversation meanwhile.
+
+        Errors:
+            :class:`~app.errors.NotFound`; :class:`~app.workspaces.WorkspaceInUse` (409,
+            nothing deleted).
+        """
+        shared, runs = self._shared, self._shared.runs
+        conversation = await shared.io(shared.store.get_conversation, conversation_id)
+        if delete_workspace:
+            workspaces.check_workspace_free(conversation, runs)
+        self._desk.deleting.add(conversation_id)
+        try:
+            handles = runs.of_conversation(conversation_id)
+            await self._stop_and_join(handles, "deleted", shared.settings.shutdown_grace_seconds)
+            await shared.io(shared.store.delete_conversation, conversation_id)
+            await self._live.conversation_deleted(conversation_id)
+            if delete_workspace:
+                root = shared.settings.workspaces_path
+                await workspaces.delete_workspace(conversation, runs, root, shared.store, shared.io)
+        finally:
+            self._desk.deleting.discard(conversation_id)
+
+    async def stop_all(self, reason: str, grace_seconds: float) -> int:
+        """Stop every active run with ``reason`` and wait until their ends are recorded,
+        abandoning threads that outlast ``grace_seconds`` (logged as an error: the drain
+        gave up on them). Returns how many were abandoned.
+        """
+        stuck = await self._stop_and_join(list(self._shared.runs), reason, grace_seconds)
+        if stuck:
+            log.error(
+                "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
+                " recorded their runs as paused and gave up waiting for them",
+                stuck,
+                grace_seconds,
+            )
+        return stuck
+
+    async def wait_run(
+        self, conversation_id: str, run_id: str, timeout_seconds: float
+    ) -> RunRecord | None:
+        """The run's record once it has ended, or ``None`` if ``timeout_seconds`` passed."""
+        handle = self._shared.runs.get(run_id)
+        if handle is not None and handle.conversation_id == conversation_id:
+            with trio.move_on_after(timeout_seconds):
+                await handle.done.wait()
+            if not handle.done.is_set():
+                return None
+        record = await self._board.get_run(conversation_id, run_id)
+        return record if record.status in TERMINAL else None
+
+    def _runs_of(self, conversation_id: str, *, action: str) -> list[RunHandle]:
+        runs = self._shared.runs.of_conversation(conversation_id)
+        if not runs:
+            raise IllegalTransition(
+                f"cannot {action}: the conversation has no queued or running run",
+                detail={"conversation_id": conversation_id},
+            )
+        return runs
+
+    async def _stop_and_join(
+        self, handles: list[RunHandle], reason: str, timeout_seconds: float
+    ) -> int:
+        """Stop the runs, wait for them to end; abandon those whose threads outlast the
+        timeout. Returns how many were abandoned."""
+        for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
+            handle.stop(reason)
+        with trio.move_on_after(timeout_seconds):
+            for handle in handles:
+                await handle.done.wait()
+        stuck = [handle for handle in handles if not handle.done.is_set()]
+        for handle in stuck:
+            self._desk.abandoned.append(handle)
+            handle.abandon()
+        for handle in stuck:  # their tasks record the end, then unregister
+            await handle.done.wait()
+        return len(stuck)
+
+
+async def _stop_briefly(handles: list[RunHandle], reason: str) -> None:
+    """Stop the runs; wait at most :data:`INTERRUPT_JOIN_SECONDS` for them to end."""
+    for handle in handles:
+        handle.stop(reason)
+    with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
+        for handle in handles:
+            await handle.done.wait()
