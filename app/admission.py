@@ -13,6 +13,11 @@ does neither (a refused request stores nothing):
    transaction.
 3. **Launch** the run task in the supervisor's nursery — or, if the write failed, **undo**
    the reservation: the slot or the place goes to the next run, and nothing was stored.
+
+Tenants' quota (``tenant_max_active_runs``): the desk counts each tenant's active runs
+(queued + running) in memory — one more at reservation, one less when the reservation is
+undone or the run's task ends (:meth:`AdmissionDesk._run_counted`) — so the check is O(1)
+and exact for the same reason as the queue's: reservation has no checkpoint.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from typing import TypeVar
 
 import trio
 
-from app.errors import ConversationBusy, NotFound, RunQueueFull, ShuttingDown
+from app.errors import ConversationBusy, NotFound, RunQueueFull, ShuttingDown, TenantQuotaExceeded
 from app.handles import IfBusy, RunHandle
 from app.lifecycle import Trigger
 from app.records import ConversationRecord, RunRecord
 from app.run_task import RunShared, record_end, run_admitted, unregister
+from app.workspaces import workspace_key
 
 T = TypeVar("T")
 
@@ -81,6 +87,9 @@ class AdmissionDesk:
         self.draining = False
         self.deleting: set[str] = set()
         self.abandoned: list[RunHandle] = []
+        #: The tenant of each active run, and each tenant's count of active runs.
+        self.tenant_of: dict[str, str] = {}
+        self.active_of_tenant: dict[str, int] = {}
 
     def queued(self) -> int:
         """Active runs without a slot: in the line, or behind their conversation's run."""
@@ -88,13 +97,16 @@ class AdmissionDesk:
         holding = self.shared.line.seated - len(self.abandoned)
         return len(self.shared.runs) - holding
 
-    def check(self, conversation_id: str | None, *, if_busy: IfBusy) -> None:
+    def check(
+        self, conversation_id: str | None, *, if_busy: IfBusy, tenant: str | None = None
+    ) -> None:
         """Raise the error admission would raise now, without admitting anything.
 
         Errors:
             :class:`~app.errors.ShuttingDown`, :class:`~app.errors.NotFound` (being
             deleted), :class:`~app.errors.ConversationBusy` (``if_busy=reject`` and a run is
-            active), :class:`~app.errors.RunQueueFull`.
+            active), :class:`~app.errors.TenantQuotaExceeded` (``tenant`` has
+            ``tenant_max_active_runs`` active runs), :class:`~app.errors.RunQueueFull`.
         """
         if self.draining or self.nursery is None:
             raise ShuttingDown("the server is shutting down and admits no new runs")
@@ -107,6 +119,8 @@ class AdmissionDesk:
                 "after it or if_busy=interrupt to replace it",
                 detail={"run_id": runs[-1].run_id},
             )
+        if tenant is not None:
+            self._check_quota(tenant)
         queued = self.queued()
         if queued >= self.max_queued_runs:
             raise RunQueueFull(
@@ -114,6 +128,17 @@ class AdmissionDesk:
                 " retry later or raise the limit with PATCH /api/server/limits",
                 retry_after_seconds=self.shared.settings.queue_full_retry_after_seconds,
                 detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
+            )
+
+    def _check_quota(self, tenant: str) -> None:
+        quota = self.shared.settings.tenant_max_active_runs
+        active = self.active_of_tenant.get(tenant, 0)
+        if quota and active >= quota:
+            raise TenantQuotaExceeded(
+                f"this tenant already has {active} active runs (queued or running;"
+                f" tenant_max_active_runs = {quota}); retry when one has ended",
+                retry_after_seconds=self.shared.settings.queue_full_retry_after_seconds,
+                detail={"active": active, "tenant_max_active_runs": quota},
             )
 
     async def admit(
@@ -124,12 +149,14 @@ class AdmissionDesk:
         *,
         if_busy: IfBusy,
         reason: str,
+        tenant: str,
     ) -> tuple[T, Admission]:
         """Reserve, record with ``write`` (in a worker thread), then launch — or undo.
+        The run counts against ``tenant``'s quota until it ends.
 
         Errors: as :meth:`check`, and whatever ``write`` raises (nothing is admitted then).
         """
-        admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason)
+        admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason, tenant=tenant)
         # Shielded: once the run is recorded, its task must start, or the record would be
         # left queued with nobody to run it.
         with trio.CancelScope(shield=True):
@@ -141,15 +168,19 @@ class AdmissionDesk:
             await self._launch(admission, conversation_of(result))
         return result, admission
 
-    def _reserve(self, conversation_id: str, *, if_busy: IfBusy, reason: str) -> Admission:
+    def _reserve(
+        self, conversation_id: str, *, if_busy: IfBusy, reason: str, tenant: str
+    ) -> Admission:
         """Step 1 (synchronous: nothing interleaves with the decision)."""
-        self.check(conversation_id, if_busy=if_busy)
+        self.check(conversation_id, if_busy=if_busy, tenant=tenant)
         runs, line = self.shared.runs, self.shared.line
         earlier = runs.of_conversation(conversation_id)
         handle = RunHandle(
             str(uuid.uuid4()), conversation_id, previous=earlier[-1] if earlier else None
         )
         runs.add(handle)
+        self.tenant_of[handle.run_id] = tenant
+        self.active_of_tenant[tenant] = self.active_of_tenant.get(tenant, 0) + 1
         position = line.admit(handle) if handle.previous is None else None
         replaces = earlier if if_busy is IfBusy.INTERRUPT else []
         return Admission(handle, position, reason, replaces)
@@ -158,10 +189,30 @@ class AdmissionDesk:
         """The write failed: give the slot or the place to the next run; forget the run."""
         self.shared.line.release(admission.handle)
         unregister(admission.handle, self.shared)
+        self._uncount(admission.run_id)
+
+    def _uncount(self, run_id: str) -> None:
+        """The run ended (or was never recorded): it no longer counts for its tenant."""
+        tenant = self.tenant_of.pop(run_id, None)
+        if tenant is None:
+            return
+        left = self.active_of_tenant[tenant] - 1
+        if left:
+            self.active_of_tenant[tenant] = left
+        else:
+            del self.active_of_tenant[tenant]
+
+    async def _run_counted(self, handle: RunHandle, conversation: ConversationRecord) -> None:
+        """The run's task; when it ends (however: it unregisters the run on the way out),
+        the run stops counting for its tenant."""
+        try:
+            await run_admitted(handle, conversation, self.shared)
+        finally:
+            self._uncount(handle.run_id)
 
     async def _launch(self, admission: Admission, conversation: ConversationRecord) -> None:
         handle = admission.handle
-        handle.workspace = conversation.workspace
+        handle.workspace = workspace_key(conversation)
         self.shared.metrics.stop_requested(admission.replaces, "interrupt")
         for earlier in admission.replaces:
             earlier.stop("interrupt")
@@ -169,5 +220,6 @@ class AdmissionDesk:
             self.shared.line.release(handle)
             await record_end(handle, Trigger.STOP, "shutdown", self.shared)
             unregister(handle, self.shared)
+            self._uncount(handle.run_id)
             return
-        self.nursery.start_soon(run_admitted, handle, conversation, self.shared)
+        self.nursery.start_soon(self._run_counted, handle, conversation)

@@ -5,18 +5,23 @@
     TrellisError                      500 internal_error
     ├── BadRequest                    400 bad_request       (malformed JSON, duplicate keys,
     │                                                        too deep, a number too long)
+    ├── Unauthorized                  401 unauthorized      (no or a wrong API key; +
+    │                                                        WWW-Authenticate: Bearer)
+    ├── Forbidden                     403 forbidden         (an admin key is needed)
     ├── ForbiddenOrigin               403 forbidden_origin  (Origin not in allowed_origins)
     ├── NotFound                      404 not_found
     ├── RequestTimeout                408 timeout           (a wait that ran out)
     ├── Conflict                      409 conflict
     │   ├── IllegalTransition         409 illegal_transition
     │   ├── ConversationBusy          409 conversation_busy
-    │   └── IdempotencyKeyReused      409 idempotency_key_reused
+    │   └── IdempotencyKeyInFlight    409 idempotency_key_in_flight (first request running)
     ├── PayloadTooLarge               413 payload_too_large (body, agent spec)
     ├── UnsupportedMediaType          415 unsupported_media_type (not UTF-8 JSON)
     ├── MisdirectedRequest            421 misdirected_request (Host not this server's)
     ├── InvalidInput                  422 validation_error
+    ├── IdempotencyKeyReused          422 idempotency_key_reused (same key, other request)
     ├── RunQueueFull                  429 run_queue_full    (+ Retry-After)
+    ├── TenantQuotaExceeded           429 tenant_quota_exceeded (+ Retry-After)
     ├── ShuttingDown                  503 shutting_down
     └── StoreUnavailable              503 store_unavailable (app/store/faults.py: disk
                                                              full, I/O error, read-only)
@@ -79,13 +84,40 @@ class ConversationBusy(Conflict):
     code = "conversation_busy"
 
 
-class IdempotencyKeyReused(Conflict):
+class IdempotencyKeyInFlight(Conflict):
+    """A request with this Idempotency-Key is still being processed; retry once it has
+    answered (draft-ietf-httpapi-idempotency-key-header: 409)."""
+
+    code = "idempotency_key_in_flight"
+
+
+class IdempotencyKeyReused(TrellisError):
+    """The Idempotency-Key was already used with a different request (the draft: 422)."""
+
+    status = 422
     code = "idempotency_key_reused"
 
 
 class PayloadTooLarge(TrellisError):
     status = 413
     code = "payload_too_large"
+
+
+class Unauthorized(TrellisError):
+    """The request carries no API key, or one that is not configured (never echoed)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(TrellisError):
+    """The key is valid but may not do this (e.g. server details need an admin key)."""
+
+    status = 403
+    code = "forbidden"
 
 
 class ForbiddenOrigin(TrellisError):
@@ -151,6 +183,12 @@ class RunQueueFull(TrellisError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class TenantQuotaExceeded(RunQueueFull):
+    """The tenant already has ``tenant_max_active_runs`` runs queued or running."""
+
+    code = "tenant_quota_exceeded"
 
 
 class ShuttingDown(TrellisError):

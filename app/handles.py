@@ -53,7 +53,8 @@ class RunHandle:
     seated: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     holds_slot: bool = False
-    #: The conversation's workspace directory name, once the run is recorded.
+    #: The conversation's workspace (``app.workspaces.workspace_key``: its path under
+    #: workspaces_path), once the run is recorded.
     workspace: str | None = None
 
     def stop(self, reason: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.lifecycle import Status
+from app.principal import DEFAULT_TENANT
 
 
 class RunRecord(BaseModel):
@@ -45,6 +46,9 @@ class _Conversation(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     id: str
+    #: The tenant whose key created it (``default`` without keys): only that tenant's keys
+    #: and admin keys see it.
+    tenant: str = DEFAULT_TENANT
     title: str | None
     status: Status
     max_iterations: int

@@ -23,7 +23,9 @@ environment *by name* (``llm.api_key_env``, ``llm.providers.NAME.api_key_env``) 
 start-up, and removed from it (:func:`app.redact.take_secret`). A password in a provider's
 ``base_url`` is masked whenever settings are shown as JSON, which is what lets
 ``GET /api/server`` show every setting. The one secret setting, ``webhook_secret`` (a key
-the server signs with, not one it sends), is left out of ``repr`` and shown as ``***``.
+the server signs with, not one it sends), is left out of ``repr`` and shown as ``***``;
+so are the clients' API keys (``api_keys``, both ``key`` and ``key_sha256``), and an error in
+an entry names the entry's position and field, never its value.
 
 Errors:
     :class:`SettingsError` (a ``ValueError``), one ``; ``-separated line naming every
@@ -32,6 +34,7 @@ Errors:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -47,6 +50,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from app.redact import MASK, mask_url
@@ -63,6 +67,7 @@ __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_PROVIDER",
     "ENV_PREFIX",
+    "ApiKeySetting",
     "LLMSettings",
     "ProviderSettings",
     "ResolvedSettings",
@@ -186,6 +191,48 @@ class LLMSettings(ProviderSettings):
         return {DEFAULT_PROVIDER: self, **self.providers}
 
 
+#: A tenant's name: letters, digits, ``_``, ``.``, ``-`` (it appears in paths and logs).
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ApiKeySetting(BaseModel):
+    """One API key (an entry of ``api_keys``): the key itself or its SHA-256 (hex), the
+    tenant it acts for, and whether it is an admin key. Both forms are masked (``***``)
+    wherever settings are shown as JSON, and left out of ``repr``; a bad entry's error names
+    the field, never the value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str | None = Field(
+        None, repr=False, min_length=16, max_length=1024, description="The key (16+ chars)."
+    )
+    key_sha256: str | None = Field(
+        None,
+        repr=False,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="SHA-256 of the key, hex: the key itself stays out of the settings.",
+    )
+    tenant: str = Field(pattern=TENANT_PATTERN, description="The tenant the key acts for.")
+    admin: bool = Field(False, description="Acts across tenants; reads /api/server details.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApiKeySetting:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key and key_sha256")
+        return self
+
+    @field_serializer("key", "key_sha256", when_used="json")
+    def _masked(self, value: str | None) -> str | None:
+        return None if value is None else MASK
+
+    def digest(self) -> bytes:
+        """The SHA-256 of the key (what requests are compared against)."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        assert self.key is not None
+        return hashlib.sha256(self.key.encode()).digest()
+
+
 class Settings(BaseModel):
     """Everything the server, the supervisor and the store can be tuned with.
 
@@ -195,7 +242,10 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", description="Interface to bind (loopback only for now).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to bind; a non-loopback one needs api_keys (or insecure_no_auth).",
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     data_dir: Path = Field(
         Path("./data"), description="Directory holding the database; one server at a time."
@@ -263,6 +313,26 @@ class Settings(BaseModel):
         le=1 << 30,
         description="Largest agent spec (its JSON, bytes) a conversation may be created with.",
     )
+    max_header_bytes: int = Field(
+        16_384,
+        ge=1024,
+        le=1 << 20,
+        description="Largest request line plus headers (bytes); beyond: 431, connection closed.",
+    )
+    keep_alive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="A connection without a complete request head for this long (idle,"
+        " between requests, or sending its head slowly) is closed.",
+    )
+    idempotency_key_retention_hours: float = Field(
+        24.0,
+        gt=0,
+        le=87_600,
+        description="How long an Idempotency-Key and its first answer are kept; an older key"
+        " is a new key.",
+    )
     stream_buffer_events: int = Field(
         1000,
         ge=1,
@@ -311,6 +381,31 @@ class Settings(BaseModel):
     webhook_backoff_base_seconds: float = Field(
         1.0, ge=0, le=60, description="First webhook retry delay; doubles each retry, jittered."
     )
+    api_keys: list[ApiKeySetting] = Field(
+        default_factory=list,
+        description="API keys: objects {key or key_sha256, tenant, admin}; none: open mode"
+        " (loopback only). Set them with TRELLIS_API_KEYS (JSON) or api_keys_file.",
+    )
+    api_keys_file: str = Field(
+        "",
+        max_length=4096,
+        description="A TOML or JSON file with more api_keys, read when the server starts;"
+        " empty: none.",
+    )
+    metrics_require_key: bool = Field(
+        False, description="With API keys, GET /metrics needs a key too (false: open)."
+    )
+    insecure_no_auth: bool = Field(
+        False,
+        description="Serve a non-loopback address without API keys (anyone reaching it may"
+        " run commands); prints a warning.",
+    )
+    tenant_max_active_runs: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Queued + running runs one tenant may have; 0: no quota. Past it: 429.",
+    )
     log_level: LogLevel = Field("info", description="Least severe log level written.")
     log_format: LogFormat = Field(
         "text", description="Log lines on stderr: text for people, json for log shippers."
@@ -319,6 +414,12 @@ class Settings(BaseModel):
         default_factory=LLMSettings,
         description="Model providers of the llm agent kind: [llm] is the default one.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _distinct_keys(cls, keys: list[ApiKeySetting]) -> list[ApiKeySetting]:
+        check_distinct_keys(keys)
+        return keys
 
     @field_serializer("webhook_secret", when_used="json")
     def _masked_webhook_secret(self, secret: str) -> str:
@@ -333,6 +434,15 @@ class Settings(BaseModel):
     def workspaces_path(self) -> Path:
         """The directory holding one workspace directory per conversation (or name)."""
         return self.data_dir / self.workspaces_dir  # an absolute workspaces_dir wins
+
+
+def check_distinct_keys(keys: list[ApiKeySetting]) -> None:
+    """Refuse a key given twice (in either form); the error names positions, not keys."""
+    seen: dict[bytes, int] = {}
+    for index, entry in enumerate(keys):
+        first = seen.setdefault(entry.digest(), index)
+        if first != index:
+            raise ValueError(f"entries {first} and {index} are the same key")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ Ownership::
     RunSupervisor.serve()            one nursery for every run task; lives as long as the
     ├── EndLedger retry task         app (or the ``open_run_supervisor`` block)
     ├── WebhookDispatcher.serve      live/webhooks.py: POSTs run ends; closed by drain()
+    ├── _purge_keys_hourly           expired Idempotency-Keys (also once before start)
     └── run_admitted(handle)         run_task.py: waits, runs, always records the end
         └── (system task) hosts to_thread: run_conversation(ctx)   one run thread
             └── to_thread (tool limiter): tool calls
@@ -51,7 +52,7 @@ from app import workspaces
 from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
-from app.errors import RunQueueFull
+from app.errors import RunQueueFull, TrellisError
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.live.hub import LiveHub
@@ -63,10 +64,14 @@ from app.settings import Settings
 from app.slot_line import SlotLine
 from app.stopping import RunStops
 from app.store.base import EventStore
+from app.store.idempotency import key_cutoff
 from app.tools.calls import ToolRegistry, default_tools
 
 T = TypeVar("T")
 log = logging.getLogger("trellis.supervisor")
+
+#: How often expired Idempotency-Keys are deleted (at most: see _purge_keys_hourly).
+KEY_PURGE_SECONDS = 3600.0
 
 
 class RunSupervisor:
@@ -131,8 +136,8 @@ class RunSupervisor:
     async def serve(
         self, *, task_status: trio.TaskStatus[RunSupervisor] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Sort old workspaces into their namespaces (once), recover from a crash, then own
-        the run nursery until :meth:`aclose`.
+        """Sort old workspaces into their namespaces (once), recover from a crash, delete
+        expired Idempotency-Keys, then own the run nursery until :meth:`aclose`.
 
         For ``nursery.start``: reports started once runs can be admitted.
         """
@@ -140,12 +145,14 @@ class RunSupervisor:
         touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
         if touched:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
+        await self._purge_expired_keys()
         self.live.open()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._admit_into, nursery)
                 await nursery.start(self.webhooks.serve)
                 nursery.start_soon(self._shared.ends.retry_until_closed)
+                nursery.start_soon(self._purge_keys_hourly)
                 if self.settings.resume_on_start:
                     await self._resume(touched)
                 task_status.started(self)
@@ -157,6 +164,26 @@ class RunSupervisor:
             self.live.close()  # streams a drain did not end: ended with "shutdown"
             with trio.CancelScope(shield=True):
                 await self.registry.aclose()  # e.g. the llm provider's HTTP client
+
+    async def _purge_expired_keys(self) -> None:
+        """Delete expired Idempotency-Keys (I/O limiter); a failure is logged, not raised:
+        the next purge, or the lookup of that key, deletes them."""
+        cutoff = key_cutoff(self.settings.idempotency_key_retention_hours)
+        try:
+            purged = await self.io(self.store.purge_idempotency_keys, cutoff)
+        except TrellisError as exc:
+            log.warning("purging expired idempotency keys failed: %s", exc.message)
+        else:
+            if purged:
+                log.info("purged %d expired idempotency key(s)", purged)
+
+    async def _purge_keys_hourly(self) -> None:
+        """Purge every ``KEY_PURGE_SECONDS`` (a quarter of the retention if shorter) until
+        cancelled with the run nursery."""
+        every = min(KEY_PURGE_SECONDS, self.settings.idempotency_key_retention_hours * 900)
+        while True:
+            await trio.sleep(every)
+            await self._purge_expired_keys()
 
     async def _admit_into(
         self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]
@@ -271,9 +298,12 @@ class RunSupervisor:
         *,
         if_busy: IfBusy = IfBusy.REJECT,
         reason: str = "user",
+        tenant: str | None = None,
     ) -> tuple[T, Admission]:
         """Admit a run: reserve its place now, record it with ``write``, then start it
-        (see ``app/admission.py``).
+        (see ``app/admission.py``). The run counts against ``tenant``'s
+        ``tenant_max_active_runs``: by default the existing conversation's tenant (a new
+        conversation's caller must name it).
 
         ``write(admission)`` runs in a worker thread (I/O limiter) and must record the run
         (``admission.run_id``, activated if ``admission.activate``) in one transaction,
@@ -284,21 +314,35 @@ class RunSupervisor:
             As :meth:`check_admission`, and whatever ``write`` raises. In every error case
             nothing was admitted, and ``write``'s transaction, if it ran, was rolled back.
         """
+        if tenant is None:
+            conversation = self.store.cached_conversation(conversation_id)
+            if conversation is None:
+                conversation = await self.io(self.store.get_conversation, conversation_id)
+            tenant = conversation.tenant
         return await self._desk.admit(
-            conversation_id, write, conversation_of, if_busy=if_busy, reason=reason
+            conversation_id, write, conversation_of, if_busy=if_busy, reason=reason, tenant=tenant
         )
 
+    def run_tenant(self, run_id: str) -> str | None:
+        """The tenant of an active run (``None`` once it ended); never blocks."""
+        return self._desk.tenant_of.get(run_id)
+
     def check_admission(
-        self, conversation_id: str | None = None, *, if_busy: IfBusy = IfBusy.ENQUEUE
+        self,
+        conversation_id: str | None = None,
+        *,
+        if_busy: IfBusy = IfBusy.ENQUEUE,
+        tenant: str | None = None,
     ) -> None:
         """Raise the error :meth:`start_run` would raise now, without starting anything.
 
         Errors:
             :class:`~app.errors.ShuttingDown`, :class:`~app.errors.NotFound` (being
             deleted), :class:`~app.errors.ConversationBusy` (``if_busy=reject`` and a run is
-            active), :class:`~app.errors.RunQueueFull`.
+            active), :class:`~app.errors.TenantQuotaExceeded` (only with ``tenant``),
+            :class:`~app.errors.RunQueueFull`.
         """
-        self._desk.check(conversation_id, if_busy=if_busy)
+        self._desk.check(conversation_id, if_busy=if_busy, tenant=tenant)
 
     @property
     def max_queued_runs(self) -> int:

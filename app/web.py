@@ -15,9 +15,10 @@ Lifetime (who owns what):
 ``python -m app serve`` drains earlier, as soon as the signal arrives (see
 ``app/cli/serving.py``); the drain in ``after_serving`` then finds nothing left to do.
 
-Every request first passes the guards of ``app/api/guards.py`` (Host, Origin, a JSON body),
-and is logged as one line when its response is ready: method, path (never the
-query string), status and milliseconds — never headers or bodies.
+Every request first passes the guards of ``app/api/guards.py`` (Host, Origin, a JSON body)
+and, with API keys, ``app/auth.py`` (its key, and so its tenant). It is logged as one line
+when its response is ready: method, path (never the query string), status, milliseconds
+and, with keys, the ``key_id`` — never headers, bodies or keys.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from app.api import (
     connection,
     conversations,
     dashboard,
+    docs_page,
     events,
     metrics_route,
     openapi,
@@ -45,6 +47,8 @@ from app.api import (
 )
 from app.api.errors import register_error_handlers
 from app.api.guards import install_guards
+from app.api.http import install_ownership_check
+from app.auth import install_auth
 from app.logs import log_fields
 from app.settings import Settings
 from app.store.base import EventStore
@@ -74,10 +78,13 @@ def create_app(
     for module in (conversations, runs, events, streams, ws_stream, server_stream, server, openapi):
         app.register_blueprint(module.blueprint)
     app.register_blueprint(dashboard.blueprint)  # GET / and /static/<name>
+    app.register_blueprint(docs_page.blueprint)  # GET /docs and /docs/<name>
     app.register_blueprint(metrics_route.blueprint)  # GET /metrics
     register_error_handlers(app)
     _log_requests(app)
     install_guards(app, settings)  # after the clock starts: a refused request is logged too
+    install_auth(app, settings)  # after the guards: API keys, the request's principal
+    install_ownership_check(app)  # after auth: another tenant's conversation is a 404
     connection.install(app)  # a body left unread never stalls its keep-alive connection
     # Blocking store open/close go to a thread on a limiter of their own (never Trio's
     # default one).
@@ -125,6 +132,7 @@ def _log_requests(app: QuartTrio) -> None:
             path=request.path,
             status=response.status_code,
             ms=ms,
+            **({"key_id": key_id} if (key_id := g.get("trellis_key_id")) else {}),
         )
         return response
 

@@ -4,8 +4,10 @@ Two namespaces under ``workspaces_dir``, so that no name can reach another conve
 own directory::
 
     by-id/<conversation id>    a conversation created without ``workspace``: its alone
-    named/<name>               a conversation created with ``workspace: name``, shared by
-                               every conversation that names it
+    named/<name>               a conversation of the ``default`` tenant created with
+                               ``workspace: name``, shared by every one that names it
+    tenants/<tenant>/<name>    the same for another tenant: a name is the tenant's own, so
+                               two tenants naming "x" get two directories
 
 (A name equal to another conversation's id is just a name: ``named/<that id>``, a different
 directory.) A conversation's record says which: its ``workspace`` is its own id unless it
@@ -31,6 +33,7 @@ from typing import Any
 
 from app.errors import Conflict, NotFound
 from app.handles import RunHandle
+from app.principal import DEFAULT_TENANT
 from app.records import ConversationRecord
 from app.store.base import EventStore
 
@@ -38,6 +41,7 @@ log = logging.getLogger("trellis.supervisor")
 
 BY_ID = "by-id"
 NAMED = "named"
+TENANTS = "tenants"
 #: Written once the layout is current; a name cannot start with a dot, so no workspace clashes.
 LAYOUT_MARKER = ".layout-v2"
 #: Where the migration parks old directories while it sorts them (crash-safe: see below).
@@ -55,11 +59,19 @@ def is_named(conversation: ConversationRecord) -> bool:
     return conversation.workspace != conversation.id
 
 
+def workspace_key(conversation: ConversationRecord) -> str:
+    """The conversation's workspace as a path relative to ``workspaces_path``: equal for
+    two conversations exactly when they share the directory."""
+    if not is_named(conversation):
+        return f"{BY_ID}/{conversation.id}"
+    if conversation.tenant == DEFAULT_TENANT:  # the layout from before tenants
+        return f"{NAMED}/{conversation.workspace}"
+    return f"{TENANTS}/{conversation.tenant}/{conversation.workspace}"
+
+
 def workspace_path(root: Path, conversation: ConversationRecord) -> Path:
     """The conversation's workspace directory under ``root`` (``workspaces_path``)."""
-    if is_named(conversation):
-        return root / NAMED / conversation.workspace
-    return root / BY_ID / conversation.id
+    return root / workspace_key(conversation)
 
 
 def check_workspace_free(conversation: ConversationRecord, runs: Iterable[RunHandle]) -> None:
@@ -67,11 +79,11 @@ def check_workspace_free(conversation: ConversationRecord, runs: Iterable[RunHan
     the conversation's named workspace (an own directory is never shared)."""
     if not is_named(conversation):
         return
+    key = workspace_key(conversation)  # handles carry it (set at admission)
     users = [
         handle.conversation_id
         for handle in runs
-        if handle.workspace == conversation.workspace
-        and handle.conversation_id not in (conversation.id, handle.workspace)  # not by-id
+        if handle.workspace == key and handle.conversation_id != conversation.id
     ]
     if users:
         raise WorkspaceInUse(
@@ -98,7 +110,9 @@ async def delete_workspace(
         except WorkspaceInUse:
             log.warning("workspace %r kept: a run started in it meanwhile", conversation.workspace)
             return
-        users = await io(store.count_conversations_with_workspace, conversation.workspace)
+        users = await io(
+            store.count_conversations_with_workspace, conversation.workspace, conversation.tenant
+        )
         if users:
             log.info(
                 "workspace %r kept: %d other conversation(s) name it", conversation.workspace, users

@@ -222,7 +222,7 @@ async def test_idempotent_create_replays_exactly_the_first_answer(
     burst_settings: Settings, gates: Gates
 ) -> None:
     """A replayed create answers byte for byte what the first one did — even after its run
-    started and the queue filled up — and a new body with the same key is a 409."""
+    started and the queue filled up — and a new body with the same key is a 422."""
     with trio.fail_after(20):
         async with live_server(burst_settings, gated_registry(gates)) as server:
             body = {"agent": {"kind": "gated", "steps": ["k"]}, "run": True, "title": "t"}
@@ -239,7 +239,7 @@ async def test_idempotent_create_replays_exactly_the_first_answer(
             other = await server.client.post(
                 "/api/conversations", json={**body, "title": "u"}, headers=headers
             )
-            assert other.status_code == 409
+            assert other.status_code == 422
             assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 

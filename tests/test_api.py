@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(30)
 
 CONVERSATION_KEYS = {
     "id", "title", "status", "agent", "max_iterations", "workspace", "created_at",
-    "updated_at", "event_count", "usage", "run", "webhook",
+    "updated_at", "event_count", "usage", "run", "webhook", "tenant",
 }  # fmt: skip
 RUN_KEYS = {
     "id", "conversation_id", "status", "reason", "queue_position", "queued_at", "started_at",
@@ -102,7 +102,7 @@ async def test_create_with_run_queues_and_runs_to_the_end(api: Api) -> None:
 
 
 async def test_idempotency_key_replays_and_refuses_reuse(api: Api) -> None:
-    """The same key and body return the same conversation; another body gets 409."""
+    """The same key and body return the same conversation; another body gets 422."""
     request = {"agent": script({"say": "x"}), "title": "once"}
     headers = {"Idempotency-Key": "k-1"}
     first = await api.call("post", "/api/conversations", json=request, headers=headers)
@@ -111,7 +111,7 @@ async def test_idempotency_key_replays_and_refuses_reuse(api: Api) -> None:
     assert first[1]["id"] == again[1]["id"]
     assert api.headers["Idempotent-Replayed"] == "true"
     other = {**request, "title": "twice"}
-    assert_error(*await api.call("post", "/api/conversations", json=other, headers=headers), 409,
+    assert_error(*await api.call("post", "/api/conversations", json=other, headers=headers), 422,
                  "idempotency_key_reused")  # fmt: skip
     _, listing = await api.call("get", "/api/conversations")
     assert [item["id"] for item in listing["items"]] == [first[1]["id"]]

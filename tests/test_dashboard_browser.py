@@ -2,15 +2,17 @@
 
 The first tests speak HTTP: the page and its files, their headers (a strict
 Content-Security-Policy, ``nosniff``, revalidation by ``ETag``), 404 for anything else under
-``/static/``, and the Origin guard letting the page's own origin write while every other
-origin stays refused.
+``/static/``, the Origin guard letting the page's own origin write while every other
+origin stays refused, and the README's reverse-proxy settings doing what it says.
 
 The browser test drives Debian's ``chromium`` (``/usr/bin/chromium``, installed by
 ``.ci/run``) with Playwright for Python — never a downloaded browser — against a real server
 (Hypercorn on 127.0.0.1, port 0) whose runs are ``gated``: they hold their run slots until
 the test ends, so what the page must show is exact. Playwright's sync API runs its own event
 loop, so the browser part runs in a thread (``trio.to_thread.run_sync``) while Trio serves;
-every check is one of Playwright's auto-waiting ``expect`` assertions, never a sleep.
+every check is one of Playwright's auto-waiting ``expect`` assertions, never a sleep. With
+``api_keys`` the page asks for a key and shows each key what it may see; the stream reader
+it uses instead of ``EventSource`` has its own tests (``tests/test_dashboard_event_stream.py``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
-from playwright.sync_api import Locator, Page, expect, sync_playwright
+from playwright.sync_api import ConsoleMessage, Locator, Page, Response, expect, sync_playwright
 
 from app.api.dashboard import PAGE_POLICY
 from app.settings import LLMSettings, Settings
@@ -147,6 +151,48 @@ async def test_the_servers_own_origin_may_write_and_others_may_not(settings: Set
             assert rebound.status_code == 421, rebound.text
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+PROXY_SECTION = "### Behind a reverse proxy or in a container"
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of the README's ``section`` (up to the next heading)."""
+    text = README.read_text(encoding="utf-8").split(section, 1)[1]
+    text = re.split(r"\n#{2,3} ", text, maxsplit=1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+async def test_readme_proxy_recipe_lets_the_page_through_a_tls_proxy(tmp_path: Path) -> None:
+    """The README's proxy settings, used as written: a request as nginx forwards it (``Host``
+    of the site, plain http, the page's ``https`` Origin) passes Host and Origin; without
+    ``allowed_origins`` the page's writes are 403, and the nginx block's body limit is
+    ``max_request_bytes``."""
+    nginx, *_ = readme_blocks(PROXY_SECTION, "nginx")
+    assert "proxy_buffering off;" in nginx and "proxy_set_header Host $host;" in nginx
+    assert "proxy_set_header Upgrade $http_upgrade;" in nginx
+    assert "client_max_body_size 1m;" in nginx and Settings().max_request_bytes == 1 << 20
+    recipe = next(
+        tomllib.loads(block)
+        for block in readme_blocks(PROXY_SECTION, "toml")
+        if "allowed_origins" in block
+    )
+    site = recipe["allowed_hosts"][0]
+    keys = [{"key": ADMIN_KEY, "tenant": "ops", "admin": True}]
+    forwarded = {"Host": site, "Authorization": f"Bearer {ADMIN_KEY}"}
+    write = {**forwarded, "Origin": recipe["allowed_origins"][0]}
+    assert write["Origin"] == f"https://{site}"
+    for settings, status in (
+        (Settings(data_dir=tmp_path / "a", api_keys=keys, **recipe), 200),
+        (Settings(data_dir=tmp_path / "b", api_keys=keys, allowed_hosts=[site]), 403),
+    ):
+        async with create_app(settings).test_app() as test_app:
+            client = test_app.test_client()
+            assert (await client.get("/api/conversations", headers=forwarded)).status_code == 200
+            limits = {"max_concurrent_runs": 3}
+            patched = await client.patch("/api/server/limits", json=limits, headers=write)
+            assert patched.status_code == status, await patched.get_data()
+
+
 # -- the page, live, in a real browser ----------------------------------------------------
 
 
@@ -162,34 +208,51 @@ def require_chromium() -> None:
 @dataclass
 class Problems:
     """What went wrong inside the page: uncaught errors, console errors (CSP violations
-    are reported there), and requests that failed."""
+    are reported there), and requests that failed.
 
+    Answers with a status in ``expected`` (a server with keys answers 401 and 403 by
+    design) go to ``refused`` as ``(status, method, path)`` instead, and so do the console
+    lines the browser logs for them; ``urls`` is every URL the page requested."""
+
+    expected: frozenset[int] = frozenset()
     seen: list[str] = field(default_factory=list)
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
 
     def watch(self, page: Page) -> None:
         page.on("pageerror", lambda error: self.seen.append(f"page error: {error}"))
-        page.on(
-            "console",
-            lambda message: message.type == "error" and self.seen.append(message.text),
-        )
-        page.on(
-            "response",
-            lambda response: (
-                response.status >= 400 and self.seen.append(f"{response.status} {response.url}")
-            ),
-        )
+        page.on("console", self._console)
+        page.on("response", self._response)
+        page.on("request", lambda request: self.urls.append(request.url))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        expected = any(
+            f"status of {status} " in message.text for status in self.expected
+        ) and message.text.startswith("Failed to load resource")
+        if message.type == "error" and not expected:
+            self.seen.append(message.text)
+
+    def _response(self, response: Response) -> None:
+        if response.status in self.expected:
+            path = urlsplit(response.url).path
+            self.refused.append((response.status, response.request.method, path))
+        elif response.status >= 400:
+            self.seen.append(f"{response.status} {response.url}")
 
 
 @contextmanager
-def browser_page(width: int = 1400, height: int = 900) -> Iterator[tuple[Page, Problems]]:
-    """A page of a headless system chromium, closed (with the browser) on the way out."""
+def browser_page(
+    width: int = 1400, height: int = 900, expected: frozenset[int] = frozenset()
+) -> Iterator[tuple[Page, Problems]]:
+    """A page of a headless system chromium, closed (with the browser) on the way out;
+    answers with a status in ``expected`` are not problems (see :class:`Problems`)."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(EXPECT_TIMEOUT_MS)
             expect.set_options(timeout=EXPECT_TIMEOUT_MS)
-            problems = Problems()
+            problems = Problems(expected)
             problems.watch(page)
             yield page, problems
         finally:
@@ -303,3 +366,113 @@ async def test_dashboard_shows_streamed_text_until_the_message_is_stored(tmp_pat
                 assert created.status_code == 201, created.text
                 url = str(server.client.base_url).rstrip("/")
                 await trio.to_thread.run_sync(watch_typing, url, hold)
+
+
+# -- the page with API keys ----------------------------------------------------------------
+
+ADMIN_KEY = "admin-key-0123456789abcdef"
+ALPHA_KEY = "alpha-key-0123456789abcdef"
+BETA_KEY = "beta-key-0123456789abcdef0"
+WRONG_KEY = "wrong-key-0123456789abcdef"
+KEYS = [
+    {"key": ADMIN_KEY, "tenant": "ops", "admin": True},
+    {"key": ALPHA_KEY, "tenant": "alpha"},
+    {"key": BETA_KEY, "tenant": "beta"},
+]
+
+
+def sign_in(page: Page, key: str) -> None:
+    page.get_by_test_id("key-input").fill(key)
+    page.get_by_test_id("key-submit").click()
+
+
+def drive_dashboard_with_keys(url: str) -> list[tuple[int, str, str]]:
+    """The browser's side: the page asks for a key, refuses a wrong one, shows everything
+    to the admin key and only alpha's conversations to alpha's key. Returns the refused
+    answers."""
+    with browser_page(expected=frozenset({401, 403})) as (page, problems):
+        page.goto(url)
+        form = page.get_by_test_id("key-form")
+        expect(form).to_be_visible()
+        expect(page.get_by_test_id("connection")).to_have_text("key needed")
+        expect(page.get_by_test_id("key-input")).to_have_attribute("type", "password")
+
+        sign_in(page, WRONG_KEY)
+        expect(page.get_by_test_id("key-error")).to_have_text("That key was refused.")
+        expect(form).to_be_visible()
+
+        sign_in(page, ADMIN_KEY)
+        expect(form).to_be_hidden()
+        expect(page.get_by_test_id("connection")).to_have_text("live")
+        expect(page.get_by_test_id("version")).to_have_text(re.compile(r"^v\d"))
+        expect(page.get_by_test_id("gauge-running-value")).to_have_text("1 / 1")
+        expect(titles(page, "running-table")).to_have_text(["a1"])
+        expect(titles(page, "queue-table")).to_have_text(["b1"])
+        expect(titles(page, "conversations-table")).to_have_text(["b1", "a1"])
+        expect(page.get_by_test_id("max-concurrent-input")).to_be_visible()
+        for part in ("gauges", "limits", "running", "queue"):
+            expect(page.get_by_test_id(f"{part}-locked")).to_be_hidden()
+
+        # The key lives in this tab's sessionStorage, nowhere else, and survives a reload.
+        assert page.evaluate("localStorage.length") == 0
+        assert page.evaluate("sessionStorage.getItem('trellis.api_key')") == ADMIN_KEY
+        page.reload()
+        expect(page.get_by_test_id("connection")).to_have_text("live")
+        expect(form).to_be_hidden()
+        expect(titles(page, "queue-table")).to_have_text(["b1"])
+
+        page.get_by_test_id("sign-out").click()
+        expect(form).to_be_visible()
+        expect(page.get_by_test_id("sign-out")).to_be_hidden()
+        expect(titles(page, "conversations-table")).to_have_count(0)
+        assert page.evaluate("sessionStorage.length") == 0
+
+        # A tenant's key: its own conversations, live; the admin-only parts say so.
+        sign_in(page, ALPHA_KEY)
+        expect(form).to_be_hidden()
+        expect(titles(page, "conversations-table")).to_have_text(["a1"])
+        for part in ("gauges", "limits", "running", "queue"):  # the server stream is admin's
+            expect(page.get_by_test_id(f"{part}-locked")).to_be_visible()
+        expect(page.get_by_test_id("limits-form").locator("input")).to_be_hidden()
+        expect(page.get_by_test_id("queue-table")).to_be_hidden()
+        expect(page.get_by_test_id("connection")).to_have_text("admin key needed")
+        page.get_by_test_id("conversations-table").get_by_text("a1", exact=True).click()
+        view = page.get_by_test_id("conversation-view")
+        expect(view.get_by_test_id("conversation-status")).to_have_text("running")
+        expect(view.get_by_test_id("event").last).to_contain_text("gate hold")
+        view.get_by_test_id("action-interrupt").click()  # a tenant acts on its own
+        expect(view.get_by_test_id("conversation-status")).to_have_text("paused")
+        row = page.get_by_test_id("conversation-row").filter(has_text="a1")
+        expect(row.locator("td.status")).to_have_text("paused")
+
+        assert problems.seen == []
+        assert not [u for u in problems.urls if any(k in u for k in (ADMIN_KEY, ALPHA_KEY))]
+        return problems.refused
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_dashboard_with_api_keys_asks_for_one_and_shows_a_tenant_its_own(
+    tmp_path: Path, gates: Gates
+) -> None:
+    """With ``api_keys``, the page asks for a key (kept in sessionStorage, sent only as
+    ``Authorization``), refuses a wrong one, shows the queue to an admin key and only the
+    tenant's conversations to a tenant's key, with the admin-only parts marked."""
+    require_chromium()
+    settings = Settings(
+        data_dir=tmp_path / "data", max_concurrent_runs=1, max_queued_runs=10, api_keys=KEYS
+    )
+    with trio.fail_after(100):
+        async with live_server(settings, registry=gated_registry(gates)) as server:
+            for title, key in (("a1", ALPHA_KEY), ("b1", BETA_KEY)):  # a1 runs, b1 waits
+                body = {"agent": gated("hold"), "title": title, "run": True}
+                headers = {"Authorization": f"Bearer {key}"}
+                created = await server.client.post("/api/conversations", json=body, headers=headers)
+                assert created.status_code == 201, created.text
+            url = str(server.client.base_url).rstrip("/")
+            refused = await trio.to_thread.run_sync(drive_dashboard_with_keys, url)
+    assert {status for status, _, _ in refused} <= {401, 403}
+    assert all(path.startswith("/api/") for _, _, path in refused), refused
+    assert (401, "GET", "/api/conversations") in refused  # the wrong key, tried
+    assert (403, "GET", "/api/server") in refused  # alpha's key, on the admin-only parts
+    assert (403, "GET", "/api/events/stream") in refused

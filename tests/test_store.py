@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 
 from app.errors import IdempotencyKeyReused, IllegalTransition, InvalidInput, NotFound
-from app.events import ErrorPayload, Event, MessagePayload, Source, StatusPayload
+from app.events import ErrorPayload, Event, MessagePayload, Source, StatusPayload, utc_now
 from app.lifecycle import TRANSITIONS, Status, Trigger
 from app.records import ConversationRecord, Webhook
 from app.store import EventQuery, NewConversation, Order, SqliteStore
+from app.store.idempotency import key_cutoff, scoped_key
 from app.store.schema import SCHEMA_VERSION
+
+NOW = utc_now().isoformat()
 
 
 def new(initial_message: str | None = None, **fields: Any) -> NewConversation:
@@ -94,14 +97,46 @@ def test_create_conversation_replays_idempotency_key(store: SqliteStore) -> None
 
 
 def test_create_conversation_refuses_reused_key_with_other_body(store: SqliteStore) -> None:
-    """The same key with a different request hash raises 409 and creates nothing."""
+    """The same key with a different request hash raises 422 and creates nothing."""
     first, _ = store.create_conversation(new("hi", idempotency_key="k", request_hash="h1"))
     with pytest.raises(IdempotencyKeyReused) as info:
         store.create_conversation(new("other", idempotency_key="k", request_hash="h2"))
-    assert (info.value.status, info.value.detail) == (409, {"idempotency_key": "k"})
+    assert (info.value.status, info.value.detail) == (422, {"idempotency_key": "k"})
     page = store.list_conversations(status=None, limit=10, cursor=None)
     assert [c.id for c in page.items] == [first.id]
     assert store.get_conversation(first.id).event_count == 1
+
+
+def test_idempotency_keys_are_scoped_per_tenant(store: SqliteStore) -> None:
+    """The same client key of two tenants is two keys; an error echoes the client's key
+    only, never the tenant it was scoped to."""
+    a_key, b_key = scoped_key("a", "k"), scoped_key("b", "k")
+    first, _ = store.create_conversation(new("hi", idempotency_key=a_key, request_hash="h"))
+    other, created = store.create_conversation(new("hi", idempotency_key=b_key, request_hash="h"))
+    assert created and other.id != first.id
+    with pytest.raises(IdempotencyKeyReused) as info:
+        store.create_conversation(new("x", idempotency_key=a_key, request_hash="h2"))
+    assert info.value.detail == {"idempotency_key": "k"}
+
+
+def test_expired_idempotency_keys_are_purged_and_then_new(store: SqliteStore) -> None:
+    """A key older than the retention is deleted (alone, or with every expired key), its
+    conversation stays, and the same key then creates anew."""
+    old, _ = store.create_conversation(new("hi", idempotency_key="old", request_hash="h"))
+    store.create_conversation(new("hi", idempotency_key="kept", request_hash="h"))
+    with closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00+00:00'")
+        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE key = 'kept'", (NOW,))
+    cutoff = key_cutoff(24)
+    assert store.purge_idempotency_keys(cutoff, "kept") == 0
+    assert store.purge_idempotency_keys(cutoff, "old") == 1
+    assert store.purge_idempotency_keys(cutoff) == 0
+    store.check_idempotency_key("old", "other hash")  # a new key: no 422
+    again, created = store.create_conversation(new("x", idempotency_key="old", request_hash="h2"))
+    assert created and again.id != old.id
+    assert store.get_conversation(old.id).event_count == 1
+    with pytest.raises(IdempotencyKeyReused):
+        store.check_idempotency_key("kept", "other hash")
 
 
 def test_list_conversations_pages_newest_first(store: SqliteStore) -> None:
@@ -566,17 +601,21 @@ def test_store_file_is_in_wal_mode(store: SqliteStore) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-@pytest.mark.parametrize("version", [pytest.param(1, id="v1"), pytest.param(2, id="v2")])
+@pytest.mark.parametrize("version", [pytest.param(v, id=f"v{v}") for v in (1, 2, 3)])
 def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     """A file of an older schema version (its columns dropped again, its version set back)
-    is brought to the current version on open: old rows read as before (no webhook), new
-    conversations keep their webhook and keyed answers, and user_version says so."""
+    is brought to the current version on open: old rows read as before (no webhook, tenant
+    ``default``), new conversations keep their webhook, tenant and keyed answers, a tenant's
+    list shows only its own, and user_version says so."""
     path = tmp_path / "old.sqlite3"
     store = SqliteStore(path)
     old = create(store, "from before")
     store.close()
     with closing(sqlite3.connect(path)) as conn:
-        conn.execute("ALTER TABLE conversations DROP COLUMN webhook")  # as version 2 had it
+        conn.execute("DROP INDEX conversations_by_tenant")  # as version 3 had it
+        conn.execute("ALTER TABLE conversations DROP COLUMN tenant")
+        if version <= 2:
+            conn.execute("ALTER TABLE conversations DROP COLUMN webhook")
         if version == 1:
             conn.execute("ALTER TABLE idempotency_keys DROP COLUMN answer")
         conn.execute(f"PRAGMA user_version = {version}")
@@ -586,16 +625,31 @@ def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     migrated = SqliteStore(path)
     try:
         assert migrated.get_conversation(old.id).webhook is None
+        assert migrated.get_conversation(old.id).tenant == "default"
         assert seqs(migrated, old.id) == [1]
-        hooked, _ = migrated.create_conversation(new(webhook=hook, idempotency_key="k"))
+        hooked, _ = migrated.create_conversation(
+            new(webhook=hook, idempotency_key="k", tenant="alice")
+        )
     finally:
         migrated.close()
     reopened = SqliteStore(path)
     try:
         assert reopened.get_conversation(hooked.id).webhook == hook
+        assert reopened.get_conversation(hooked.id).tenant == "alice"
+        mine = reopened.list_conversations(status=None, limit=10, cursor=None, tenant="alice")
+        assert [item.id for item in mine.items] == [hooked.id]
+        theirs = reopened.list_conversations(status=None, limit=10, cursor=None, tenant="default")
+        assert [item.id for item in theirs.items] == [old.id]
+        every = reopened.list_conversations(status=None, limit=10, cursor=None)
+        assert [item.id for item in every.items] == [hooked.id, old.id]
     finally:
         reopened.close()
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT n FROM conversations WHERE tenant = ? ORDER BY n DESC",
+            ("alice",),
+        ).fetchall()
+        assert "conversations_by_tenant" in str([tuple(row) for row in plan])
         columns = {row[1] for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
         assert "answer" in columns

@@ -21,6 +21,7 @@ from app.api.schemas import (
     MessageAccepted,
     PostMessage,
 )
+from app.auth import current_principal
 from app.errors import PayloadTooLarge
 from app.events import MessagePayload
 from app.live.webhooks import check_webhook
@@ -66,7 +67,9 @@ def check_spec_size(agent: dict[str, Any], limit: int) -> None:
     body=CreateConversation,
     response=ConversationRecord,
     errors=(409, 413, 429, 503),
+    headers=("Idempotency-Key",),
 )
+@idempotency.guarded
 async def create_conversation() -> Response:
     sup = supervisor()
     body, raw = await parse_body(CreateConversation)
@@ -77,8 +80,10 @@ async def create_conversation() -> Response:
     key = idempotency.request_key(raw)
     await idempotency.replay_if_known(sup, key)
     conversation_id = str(uuid.uuid4())
+    tenant = current_principal().tenant
     new = NewConversation(
         id=conversation_id,
+        tenant=tenant,
         agent=body.agent,
         title=body.title,
         max_iterations=body.max_iterations or sup.settings.max_iterations,
@@ -107,7 +112,9 @@ async def create_conversation() -> Response:
         return record, render(record)
 
     if body.run:
-        (_, sent), _ = await sup.admit(conversation_id, write, lambda result: result[0])
+        (_, sent), _ = await sup.admit(
+            conversation_id, write, lambda result: result[0], tenant=tenant
+        )
     else:
         _, sent = await sup.io(write, None)
     sup.server_feed.conversation_changed(conversation_id, "created")  # not on a replay
@@ -125,8 +132,13 @@ async def create_conversation() -> Response:
 async def list_conversations() -> Response:
     sup = supervisor()
     query = parse_query(ListConversations)
+    principal = current_principal()
     page = await sup.io(
-        sup.store.list_conversations, status=query.status, limit=query.limit, cursor=query.cursor
+        sup.store.list_conversations,
+        status=query.status,
+        limit=query.limit,
+        cursor=query.cursor,
+        tenant=None if principal.admin else principal.tenant,
     )
     items = [
         present(sup, item) if isinstance(item, ConversationSummary) else item for item in page.items
@@ -162,7 +174,9 @@ async def delete_conversation(conversation_id: str) -> Response:
     body=PostMessage,
     response=MessageAccepted,
     errors=(404, 409, 429, 503),
+    headers=("Idempotency-Key",),
 )
+@idempotency.guarded
 async def post_message(conversation_id: str) -> Response:
     sup = supervisor()
     body, raw = await parse_body(PostMessage)

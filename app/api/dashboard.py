@@ -1,9 +1,12 @@
 """``GET /``: the live dashboard, and ``GET /static/<name>``: its files.
 
-The dashboard is three static files in ``app/static`` (package data: the wheel ships them),
-plain HTML, CSS and JavaScript with no build step and nothing loaded from elsewhere. The
-page talks to the JSON API like any client, same-origin, and follows the server-wide stream
-``GET /api/events/stream`` with an ``EventSource``.
+The dashboard is the static files in ``app/static`` (package data: the wheel ships them),
+plain HTML, CSS and JavaScript modules with no build step and nothing loaded from elsewhere.
+The page talks to the JSON API like any client, same-origin, and follows the server-wide
+stream ``GET /api/events/stream`` with ``fetch()`` (``event_stream.js``: an ``EventSource``
+cannot send the ``Authorization`` header that API keys need). The page and its files are
+served without a key: with ``api_keys`` set, the page asks for one when the API answers 401
+and keeps it in the tab's ``sessionStorage`` (``api_key.js``), never in a URL.
 
 Serving:
 
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+from collections.abc import Collection
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from types import MappingProxyType
 
 from quart import Blueprint, Response, request
@@ -59,12 +64,18 @@ class Asset:
     etag: str  # unquoted
 
 
-def load_assets() -> MappingProxyType[str, Asset]:
-    """Every file of ``app/static`` with a known suffix, by file name (no subdirectories)."""
+def load_assets(
+    directory: Traversable | None = None, names: Collection[str] | None = None
+) -> MappingProxyType[str, Asset]:
+    """Every file of ``directory`` (default ``app/static``) with a known suffix, by file
+    name (no subdirectories); with ``names``, only those (``/docs`` serves a few of a
+    package's files this way)."""
     assets: dict[str, Asset] = {}
-    for entry in importlib.resources.files("app").joinpath("static").iterdir():
+    directory = directory or importlib.resources.files("app").joinpath("static")
+    for entry in directory.iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
-        if entry.is_file() and suffix in CONTENT_TYPES and not entry.name.startswith("."):
+        wanted = names is None or entry.name in names
+        if wanted and entry.is_file() and suffix in CONTENT_TYPES and entry.name[:1] != ".":
             body = entry.read_bytes()
             etag = hashlib.sha256(body).hexdigest()[:32]
             assets[entry.name] = Asset(body, CONTENT_TYPES[suffix], etag)
@@ -75,9 +86,9 @@ ASSETS = load_assets()
 
 
 @blueprint.get("/")
-@documented("The live dashboard: an HTML page for browsers (not JSON).")
+@documented("The live dashboard: an HTML page for browsers (not JSON).", media_type="text/html")
 async def dashboard() -> Response:
-    response = _send(ASSETS[PAGE])
+    response = send_asset(ASSETS[PAGE])
     response.headers["Content-Security-Policy"] = PAGE_POLICY
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
@@ -89,10 +100,10 @@ async def static_file(name: str) -> Response:
     asset = ASSETS.get(name) if name != PAGE else None  # the page is served at / only
     if asset is None:
         raise NotFound(f"there is no static file {name[:100]!r}", detail={"name": name[:100]})
-    return _send(asset)
+    return send_asset(asset)
 
 
-def _send(asset: Asset) -> Response:
+def send_asset(asset: Asset) -> Response:
     """``asset``, or ``304 Not Modified`` when the client holds this version already."""
     headers = {
         "ETag": f'"{asset.etag}"',

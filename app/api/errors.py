@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Quart, Response
+from quart import Quart, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 from app.api.http import json_response
@@ -40,10 +40,12 @@ async def _http_error(error: HTTPException) -> Response:
     code = _HTTP_CODES.get(status, "http_error")
     allowed = getattr(error, "valid_methods", None)
     headers = {"Allow": ", ".join(allowed)} if allowed else None
-    message = error.description or error.name
+    message, detail = error.description or error.name, None
     if status == 413:
-        message = "the request body is larger than max_request_bytes"
-    return error_response(status, code, message, headers=headers)
+        limit = current_app.config["MAX_CONTENT_LENGTH"]  # max_request_bytes (app/web.py)
+        message = f"the request body is larger than max_request_bytes ({limit} bytes)"
+        detail = {"max_request_bytes": limit}
+    return error_response(status, code, message, detail, headers=headers)
 
 
 async def _unexpected_error(error: Exception) -> Response:

@@ -24,9 +24,21 @@ handshakes pass the same Host and Origin checks in a ``before_websocket`` hook a
 refused with the same HTTP answer *before* the connection is accepted: browsers send
 ``Origin`` with every WebSocket handshake and do not apply the same-origin policy to
 WebSockets, so this check is what stops a page of another site from opening one
-(cross-site WebSocket hijacking). No CORS headers
-are ever sent, so an allowed origin is one whose pages share this server's origin (a UI
-served through the same reverse proxy), not a third-party site.
+(cross-site WebSocket hijacking).
+
+CORS: ``allowed_origins`` is also the CORS allow-list (none by default). An answer to a
+request from an allowed origin carries ``Access-Control-Allow-Origin: <that origin>`` and
+``Vary: Origin``; a preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from one is
+answered here with 204 and the methods, the request headers a client may send
+(``Authorization``, ``Content-Type``, ``Idempotency-Key``, ``Last-Event-ID``) and a max age —
+before the API key check, since browsers send no credentials with a preflight. A preflight
+from any other origin is refused by the Origin check (403). No credentials mode
+(``Access-Control-Allow-Credentials``): clients send their key as a header.
+
+Wildcard binds: with ``host`` ``0.0.0.0`` or ``::`` (a container), API keys and no
+``allowed_hosts``, any ``Host`` is accepted — the server cannot know the names it is reached
+by, and every ``/api`` route needs a key, which a rebinding page does not have. Set
+``allowed_hosts`` to check Host names anyway.
 
 Errors:
     :class:`~app.errors.MisdirectedRequest`, :class:`~app.errors.ForbiddenOrigin`,
@@ -37,7 +49,7 @@ from __future__ import annotations
 
 import re
 
-from quart import Quart, request, websocket
+from quart import Quart, Response, request, websocket
 from quart.wrappers.base import BaseRequestWebsocket
 
 from app.errors import ForbiddenOrigin, MisdirectedRequest, UnsupportedMediaType
@@ -46,6 +58,11 @@ from app.settings import Settings
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 OPEN_TO_ANY_HOST = frozenset({"/health"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
+CORS_EXPOSED_HEADERS = "Location, Retry-After, WWW-Authenticate, Idempotent-Replayed"
+CORS_MAX_AGE_SECONDS = 600
 
 # host [":" port], host being a name, an IPv4 address or a bracketed IPv6 address.
 _HOST_HEADER = re.compile(
@@ -59,18 +76,52 @@ def install_guards(app: Quart, settings: Settings) -> None:
     and Host and Origin of every WebSocket handshake."""
     hosts = LOOPBACK_NAMES | {_bare(settings.host)} | {_bare(h) for h in settings.allowed_hosts}
     origins = frozenset(_normal_origin(origin) for origin in settings.allowed_origins)
+    wildcard = _bare(settings.host) in WILDCARD_HOSTS and not settings.allowed_hosts
+
+    def any_host() -> bool:  # the keys are loaded when the app is built (app/auth.py)
+        return wildcard and bool(app.extensions.get("trellis.keys"))
 
     @app.before_request
-    async def guard_request() -> None:
-        check_host(hosts, request)
+    async def guard_request() -> Response | None:
+        if not any_host():
+            check_host(hosts, request)
         check_origin(origins, request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return _preflight(origins)
         if request.method in BODY_METHODS and _declares_body():
             check_json_media_type()
+        return None
 
     @app.before_websocket
     async def guard_websocket() -> None:
-        check_host(hosts, websocket)
+        if not any_host():
+            check_host(hosts, websocket)
         check_origin(origins, websocket)
+
+    @app.after_request
+    async def allow_origin(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is not None and _normal_origin(origin) in origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+        if origins:
+            response.vary.add("Origin")
+        return response
+
+
+def _preflight(origins: frozenset[str]) -> Response | None:
+    """The answer to a CORS preflight from an allowed origin (204); ``None`` for one from
+    this server's own origin (not a cross-origin request: the route answers OPTIONS).
+    Another origin never gets here (:func:`check_origin` refused it)."""
+    origin = request.headers.get("Origin")
+    if origin is None or _normal_origin(origin) not in origins:
+        return None
+    headers = {
+        "Access-Control-Allow-Methods": CORS_METHODS,
+        "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+        "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS),
+    }
+    return Response(b"", status=204, headers=headers)
 
 
 def check_host(allowed: frozenset[str], incoming: BaseRequestWebsocket) -> None:

@@ -12,12 +12,14 @@ from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
-from quart import Response, current_app, request
+from quart import Quart, Response, current_app, request
 
 from app.api.guards import check_json_media_type
 from app.api.json_limits import parse_json
+from app.auth import current_principal
 from app.errors import BadRequest, InvalidInput
 from app.records import ConversationRecord
+from app.store.sqlite import conversation_not_found
 from app.supervisor import RunSupervisor
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,11 +32,32 @@ def supervisor() -> RunSupervisor:
 
 
 async def get_conversation(sup: RunSupervisor, conversation_id: str) -> ConversationRecord:
-    """The conversation (404 if there is none): a cached record needs no thread hop."""
+    """The conversation (404 if there is none): a cached record needs no thread hop.
+
+    Another tenant's conversation does not exist for the request's principal: the same 404
+    as for an unknown id (an admin key sees every tenant's).
+    """
     conversation = sup.store.cached_conversation(conversation_id)
     if conversation is None:
         conversation = await sup.io(sup.store.get_conversation, conversation_id)
+    if not current_principal().sees(conversation.tenant):
+        raise conversation_not_found(conversation_id)
     return conversation
+
+
+def install_ownership_check(app: Quart) -> None:
+    """Before any route with a ``conversation_id`` (events, runs, streams, pause, interrupt,
+    delete, messages): 404 unless the conversation belongs to the request's tenant — the
+    one place per-conversation routes are checked. Admins (and the open mode) skip it.
+    Install after :func:`app.auth.install_auth`. WebSocket handlers call
+    :func:`get_conversation` themselves (their principal may come with the first frame).
+    """
+
+    @app.before_request
+    async def check_owner() -> None:
+        conversation_id = (request.view_args or {}).get("conversation_id")
+        if conversation_id is not None and not current_principal().admin:
+            await get_conversation(supervisor(), conversation_id)
 
 
 async def read_json_object(*, optional: bool = False) -> dict[str, Any]:

@@ -20,7 +20,8 @@ blueprint = Blueprint("metrics", __name__)
     "Metrics in the Prometheus text format (text/plain; version=0.0.4), or OpenMetrics when"
     " the Accept header asks for application/openmetrics-text: runs running and queued,"
     " limits, limiters, queue wait, run duration, pause/interrupt latency, HTTP latency by"
-    " route, events appended, stream subscribers and drops, llm requests, retries, tokens."
+    " route, events appended, stream subscribers and drops, llm requests, retries, tokens.",
+    media_type="text/plain",
 )
 async def metrics() -> Response:
     body, content_type = supervisor().metrics.exposition(request.headers.get("Accept"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from quart import Blueprint, Response
 
 from app.admission import Admission
@@ -9,6 +11,7 @@ from app.api import idempotency
 from app.api.http import get_conversation, json_response, parse_body, parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import ListRuns, RunList, ServerRuns, StartRun, WaitRun
+from app.auth import current_principal
 from app.errors import RequestTimeout
 from app.records import ConversationRecord, RunRecord
 from app.store.idempotency import Answer, IdempotentWrite
@@ -24,7 +27,9 @@ blueprint = Blueprint("runs", __name__, url_prefix="/api")
     body=StartRun,
     response=RunRecord,
     errors=(404, 409, 429, 503),
+    headers=("Idempotency-Key",),
 )
+@idempotency.guarded
 async def start_run(conversation_id: str) -> Response:
     sup = supervisor()
     body, raw = await parse_body(StartRun, optional=True)
@@ -122,7 +127,7 @@ async def interrupt(conversation_id: str) -> Response:
 @blueprint.get("/runs")
 @documented(
     "Active runs server-wide: running first, then queued in the order they will start"
-    " (at most limit of them).",
+    " (at most limit of them). A non-admin key sees only its tenant's runs.",
     query=ServerRuns,
     response=RunList,
 )
@@ -130,7 +135,14 @@ async def server_runs() -> Response:
     sup = supervisor()
     query = parse_query(ServerRuns)
     running = {None: None, "running": True, "queued": False}[query.status]
-    active = sup.active_runs(query.limit, running=running)
+    principal = current_principal()
+    if principal.admin:
+        active = sup.active_runs(query.limit, running=running)
+    else:  # in memory: the run's tenant is known while it is active
+        mine = (
+            a for a in sup.active_runs(running=running) if sup.run_tenant(a[0]) == principal.tenant
+        )
+        active = list(itertools.islice(mine, query.limit))
     records = {run.id: run for run in await sup.io(sup.store.get_runs, [a[0] for a in active])}
     items = [
         records[run_id].model_copy(update={"queue_position": position})

@@ -18,6 +18,10 @@ from app.settings import Settings
 from app.store.base import INT64_MAX, MAX_PAGE_SIZE
 
 MAX_TEXT_CHARS = 100_000
+#: Marks a field whose value is an agent spec: ``/openapi.json`` replaces its free-form
+#: schema with the discriminated union (on ``kind``) over the registry's spec models, which
+#: are known only when the app serves (embedders register their own kinds).
+AGENT_SPEC_MARKER = "x-trellis-agent-spec"
 
 
 class _Strict(BaseModel):
@@ -32,7 +36,11 @@ class _Strict(BaseModel):
 
 
 class CreateConversation(_Strict):
-    agent: dict[str, Any]
+    #: Validated against its kind's spec model by the registry (``app/agents/registry.py``).
+    agent: dict[str, Any] = Field(
+        description="The agent spec: `kind` picks the agent and its fields.",
+        json_schema_extra={AGENT_SPEC_MARKER: True},
+    )
     title: str | None = Field(None, max_length=200)
     initial_message: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     max_iterations: StrictInt | None = Field(None, ge=1, le=1_000_000)

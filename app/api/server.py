@@ -7,6 +7,7 @@ from quart import Blueprint, Response
 from app.api.http import json_response, parse_body, supervisor
 from app.api.openapi import documented
 from app.api.schemas import Health, Limits, Ready, ServerInfo, ServerLimits
+from app.auth import require_admin
 from app.errors import ShuttingDown
 from app.store.faults import StoreUnavailable
 from app.tools import sandbox
@@ -52,8 +53,14 @@ async def _server_info() -> ServerInfo:
 
 
 @blueprint.get("/api/server")
-@documented("Version, limits and live statistics.", response=ServerInfo)
+@documented(
+    "Version, limits and live statistics (settings included, secrets masked). With API"
+    " keys: admin keys only (403 forbidden for others).",
+    response=ServerInfo,
+    errors=(403,),
+)
 async def server() -> Response:
+    require_admin()
     return json_response(await _server_info())
 
 
@@ -62,8 +69,10 @@ async def server() -> Response:
     "Change run limits at runtime: raising slots starts queued runs at once, 0 holds them.",
     body=Limits,
     response=ServerInfo,
+    errors=(403,),
 )
 async def patch_limits() -> Response:
+    require_admin()  # before the body is read
     body, _ = await parse_body(Limits)
     supervisor().set_limits(
         max_concurrent_runs=body.max_concurrent_runs, max_queued_runs=body.max_queued_runs

@@ -41,6 +41,7 @@ from app.api import sse
 from app.api.http import parse_query, supervisor
 from app.api.openapi import documented
 from app.api.schemas import _Strict
+from app.auth import require_admin
 from app.live.feed import StreamEnd
 from app.live.server_feed import ServerFeed, ServerFrame, ServerSubscription
 from app.records import RunRecord
@@ -64,11 +65,15 @@ class ServerStreamQuery(_Strict):
     " Last-Event-ID within the retained frames), then status (with queue position and"
     " counts), limits and conversation (created, deleted) frames, each with the server"
     " stream's own seq as SSE id, and ephemeral step frames without one. Ends with an"
-    " 'end' event (shutdown, slow_consumer).",
+    " 'end' event (shutdown, slow_consumer). With API keys: admin keys only (403 for"
+    " others; their dashboards follow their conversations' own streams).",
     query=ServerStreamQuery,
-    errors=(422,),
+    errors=(403, 422),
+    headers=("Last-Event-ID",),
+    media_type="text/event-stream",
 )
 async def stream_server_events() -> Response:
+    require_admin()  # its frames name every tenant's conversations and runs
     sup = supervisor()
     query = parse_query(ServerStreamQuery)
     return sse.sse_response(_body(sup, sse.resume_point(query.after_seq)))

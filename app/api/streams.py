@@ -77,6 +77,8 @@ class StreamQuery(_Strict):
     " /api/conversations/{conversation_id}/events/ws.",
     query=StreamQuery,
     errors=(404, 422),
+    headers=("Last-Event-ID",),
+    media_type="text/event-stream",
 )
 async def stream_events(conversation_id: str) -> Response:
     sup = supervisor()

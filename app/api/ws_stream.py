@@ -22,6 +22,8 @@ code   reason              when
 1000   ``deleted``         the conversation was deleted (after an ``end`` frame)
 1001   ``shutdown``        the server drains; reconnect later with ``after_seq``
 1008   ``slow_consumer``   the client fell ``stream_buffer_events`` behind; resume
+4401   ``unauthorized``    with API keys: no key in the handshake and a first frame that
+                           is not ``{"type": "auth", "key": ...}`` with a valid key
 4404   ``not_found``       no such conversation (after an ``error`` frame)
 4422   ``validation_error``  a bad query parameter (after an ``error`` frame)
 1011   ``internal_error``  the server failed (e.g. the store is unavailable)
@@ -55,6 +57,7 @@ from app.api import http
 from app.api.http import supervisor
 from app.api.openapi import documented
 from app.api.streams import StreamQuery
+from app.auth import authenticate_websocket
 from app.errors import TrellisError
 from app.events import Event
 from app.live.feed import Delta
@@ -92,10 +95,11 @@ HEARTBEAT = '{"type":"heartbeat"}'
 async def stream_events_ws(conversation_id: str) -> None:
     sup = supervisor()
     try:
+        await authenticate_websocket()  # with keys and no Authorization: the first frame
         query = _query()
         await http.get_conversation(sup, conversation_id)
     except TrellisError as error:
-        await websocket.accept()
+        await websocket.accept()  # a no-op when the auth frame was read
         await _fail(error)
         return
     sender = _Sender()

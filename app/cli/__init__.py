@@ -19,10 +19,11 @@ from importlib import resources
 
 import trio
 
+from app.auth import load_api_keys
 from app.cli.parser import build_parser, overrides_from
 from app.cli.serving import serve
 from app.logs import configure_logging
-from app.settings import SettingsError, resolve_settings
+from app.settings import Settings, SettingsError, resolve_settings
 from app.store.lock import DataDirError
 from app.tools.sandbox import SandboxUnavailable
 
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resolved = resolve_settings(arguments.config, overrides=overrides_from(arguments))
         settings = resolved.settings
-        _refuse_unprotected_bind(settings.host)
+        keys = load_api_keys(settings)  # the file too: a bad one fails here, exit code 2
+        check_bind(settings, has_keys=bool(keys))
     except SettingsError as exc:
         print(f"trellis: bad settings: {exc}", file=sys.stderr)
         return 2
@@ -78,14 +80,28 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     ]
 
 
-def _refuse_unprotected_bind(host: str) -> None:
-    """The API has no authentication yet: only loopback addresses may be bound."""
+def check_bind(settings: Settings, *, has_keys: bool) -> None:
+    """A non-loopback ``host`` needs API keys, or ``insecure_no_auth`` (which prints a
+    warning on stderr: anyone who reaches the port may run commands).
+
+    Errors:
+        :class:`SettingsError` for a non-loopback host without either.
+    """
+    host = settings.host
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
+    if loopback or has_keys:
+        return
+    if not settings.insecure_no_auth:
         raise SettingsError(
-            f"host: {host!r} is not a loopback address; the API has no authentication yet,"
-            " so Trellis only serves on loopback (e.g. 127.0.0.1)"
+            f"host: {host!r} is not a loopback address and no api_keys are set: configure"
+            " keys (api_keys, TRELLIS_API_KEYS or api_keys_file), or pass --insecure-no-auth"
+            " to serve it open anyway"
         )
+    print(
+        f"trellis: WARNING: serving {host} without API keys (--insecure-no-auth): anyone who"
+        " reaches this port can run commands as this user",
+        file=sys.stderr,
+    )

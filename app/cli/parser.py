@@ -32,6 +32,9 @@ SERVE_EPILOG = (
 )
 # Arguments of the parser that are not settings.
 NOT_SETTINGS = frozenset({"command", "config"})
+# Settings without a flag: a command line shows in process listings (use the environment
+# or api_keys_file).
+NO_FLAG = frozenset({("api_keys",)})
 
 _METAVARS: dict[Any, str] = {int: "INT", float: "NUMBER", Path: "PATH", str: "TEXT"}
 _UNITS = ("seconds", "bytes")  # a name ending in a unit shows the unit: --port INT, --x SECONDS
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: $TRELLIS_CONFIG, or none)",
     )
     for key, field in leaf_fields(Settings):
-        _add_flag(serve, key, field)
+        if key not in NO_FLAG:
+            _add_flag(serve, key, field)
     commands.add_parser(
         "default-config",
         help="print every setting with its default and meaning (a TOML file to start from)",

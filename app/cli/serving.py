@@ -146,9 +146,29 @@ def open_store(path: Path) -> SqliteStore:
         raise DataDirError(f"cannot open the database {path}: {exc}") from None
 
 
-def _hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    """Hypercorn's configuration for ``settings``, slow-client limits set on purpose.
+
+    Slow clients (slowloris): Hypercorn serves each connection in a task of its own, so
+    idle or half-sent connections cost a socket and a little memory, never the event loop;
+    what must be bounded is how long they are kept:
+
+    - ``keep_alive_timeout`` (``keep_alive_timeout_seconds``): a connection's idle timer
+      runs from the moment it is accepted (and again after each response) until a complete
+      request head has arrived. It is *not* restarted by bytes arriving, so a client
+      dripping its request line or headers is closed when it runs out, just as an idle one.
+    - ``h11_max_incomplete_size`` (``max_header_bytes``): the request line plus headers
+      may not grow beyond this; past it h11 answers 431 and the connection is closed.
+    - ``read_timeout`` stays unset on purpose: it bounds *every* read, and the clients of
+      an event stream or a WebSocket legitimately send nothing for hours. A body sent
+      slowly is bounded instead by Quart's ``BODY_TIMEOUT`` (60 s, then 408), and its size
+      by ``max_request_bytes``.
+    """
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
+    config.keep_alive_timeout = settings.keep_alive_timeout_seconds
+    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.read_timeout = None
     config.accesslog = None  # app/web.py logs one line per request
     # Hypercorn's info lines only repeat "Running on ...": keep its warnings and errors, in
     # our format (the logger propagates to our handler instead of getting one of its own).
@@ -162,7 +182,7 @@ def _hypercorn_config(settings: Settings) -> HypercornConfig:
 async def _serve_app(
     app: QuartTrio, settings: Settings, task_status: trio.TaskStatus[list[str]]
 ) -> int:
-    config = _hypercorn_config(settings)
+    config = hypercorn_config(settings)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 

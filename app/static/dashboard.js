@@ -5,20 +5,41 @@
 //     limits, the counts, the runs holding a slot and the queue in start order. A `snapshot`
 //     frame replaces it whole; `status`, `limits`, `conversation` and `step` frames change it.
 //  2. Rendering. Any change calls `render()` (batched to one per animation frame), which
-//     rebuilds the tables from the state. Server text only ever goes through `textContent`,
-//     never `innerHTML`, so nothing a conversation says can become markup.
-//  3. The conversation view follows one conversation's own stream
-//     (GET /api/conversations/{id}/events/stream): events as they are stored, and `delta`
-//     frames (token text before the message is stored) as a "typing" line.
+//     rebuilds the tables from the state (tables.js). Server text only ever goes through
+//     `textContent`, never `innerHTML`, so nothing a conversation says can become markup.
+//  3. The conversation view (conversation_view.js) follows one conversation's own stream.
 //
-// EventSource reconnects by itself and resends the last `id:` as Last-Event-ID, so a dropped
-// connection resumes without gap; when the server cannot replay, it sends a snapshot.
+// Streams are read with fetch() (event_stream.js), which reconnects after a drop and resends
+// the last `id:` as Last-Event-ID, so a dropped connection resumes without gap; when the
+// server cannot replay, it sends a snapshot.
+//
+// API keys (api_key.js): every call carries the tab's key, if it has one. A 401 stops
+// everything and shows the key form; once a key is accepted the page starts afresh. A 403
+// from the admin-only parts — GET /api/server (version, gauges, the limits form) and the
+// server-wide stream (running runs, the queue) — shows them as "admin key needed", while
+// the conversations a tenant's key may see still work (the list is polled then).
+
+import { act, ApiError, api, notify } from "./api.js";
+import {
+  askForKey,
+  authorization,
+  currentKey,
+  onKeyAccepted,
+  onKeyNeeded,
+  wireKeyForm,
+} from "./api_key.js";
+import {
+  closeConversation,
+  openConversation,
+  setViewHooks,
+  showStatus,
+  view,
+} from "./conversation_view.js";
+import { followStream } from "./event_stream.js";
+import { RECENT_CONVERSATIONS, renderTables } from "./tables.js";
 
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 
-const QUEUE_ROWS_SHOWN = 100; // the queue can hold thousands; the page shows its head
-const RECENT_CONVERSATIONS = 10;
-const EVENTS_SHOWN = 500; // the conversation view keeps the newest ones
 const STATISTICS_EVERY_MS = 2000; // I/O and tool gauges are sampled (the stream has no frame)
 const ACTIVE = new Set(["running", "pausing"]);
 
@@ -31,35 +52,21 @@ const server = {
   held: [], // queued runs that wait for an earlier run of their own conversation
 };
 const conversations = new Map(); // id -> {id, title, status, created_at}, filled lazily
+// live: the page follows the server (false while it waits for a key); epoch: counts starts
+// and stops (an answer to a call of an earlier epoch is dropped); feed: the server stream;
+// locked: the admin-only parts this key may not see ("server", "feed").
+const session = { live: false, epoch: 0, feed: null, locked: new Set() };
 
-// -- talking to the API -------------------------------------------------------------------
-
-async function api(method, path, body) {
-  const init = { method, headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json"; // the guards accept JSON bodies only
-    init.body = JSON.stringify(body);
-  }
-  const response = await fetch(path, init);
-  const data = response.status === 204 ? null : await response.json();
-  if (!response.ok) {
-    throw new Error(data?.error?.message ?? `${method} ${path}: HTTP ${response.status}`);
-  }
-  return data;
-}
-
-function notify(error) {
-  const notice = $("notice");
-  notice.textContent = error ? String(error.message ?? error) : "";
-  notice.hidden = !error;
-}
-
-async function act(work) {
+// GET `path`: its answer, or null when the page stopped or changed keys meanwhile (the
+// answer was for an earlier key: not this one's to show). Errors: as api().
+async function read(path) {
+  const epoch = session.epoch;
   try {
-    notify(null);
-    await work();
+    const data = await api("GET", path);
+    return epoch === session.epoch ? data : null;
   } catch (error) {
-    notify(error);
+    if (epoch === session.epoch) throw error;
+    return null;
   }
 }
 
@@ -87,8 +94,8 @@ function setStatus(id, status, time) {
 function conversation(id) {
   if (!conversations.get(id)?.created_at && !fetching.has(id)) {
     fetching.add(id);
-    api("GET", `/api/conversations/${encodeURIComponent(id)}`)
-      .then((record) => remember(record))
+    read(`/api/conversations/${encodeURIComponent(id)}`)
+      .then((record) => record && remember(record))
       .catch(() => {}) // deleted meanwhile: the row shows the id
       .finally(() => fetching.delete(id));
   }
@@ -158,28 +165,41 @@ function applyConversation(frame) {
 }
 
 function followServer() {
-  const source = new EventSource("/api/events/stream");
-  const on = (type, handler) =>
-    source.addEventListener(type, (message) => handler(JSON.parse(message.data)));
-  source.onopen = () => setConnection("live");
-  source.onerror = () =>
-    setConnection(source.readyState === EventSource.CLOSED ? "offline" : "reconnecting");
-  on("snapshot", applySnapshot);
-  on("status", applyStatus);
-  on("limits", (frame) => {
-    server.limits = { ...server.limits, ...frame };
-    render();
+  session.feed = followStream("/api/events/stream", {
+    headers: authorization,
+    onState: setConnection,
+    onRefused: feedRefused,
+    on: {
+      snapshot: applySnapshot,
+      status: applyStatus,
+      limits: (frame) => {
+        server.limits = { ...server.limits, ...frame };
+        render();
+      },
+      conversation: applyConversation,
+      step: (frame) => {
+        const run = server.running.get(frame.run_id);
+        if (run) run.steps = frame.steps;
+        render();
+      },
+      // The server closes the stream after `end`; it is reopened with the last id.
+      end: (frame) =>
+        setConnection(frame.reason === "shutdown" ? "server stopped" : "reconnecting"),
+    },
   });
-  on("conversation", applyConversation);
-  on("step", (frame) => {
-    const run = server.running.get(frame.run_id);
-    if (run) run.steps = frame.steps;
-    render();
-  });
-  // The server closes the stream after `end`; EventSource then reconnects with the last id.
-  on("end", (frame) =>
-    setConnection(frame.reason === "shutdown" ? "server stopped" : "reconnecting"),
-  );
+}
+
+function feedRefused(status, error) {
+  if (status === 401) {
+    askForKey(currentKey()); // shows the form; the page stops (onKeyNeeded)
+  } else if (error?.code === "forbidden") {
+    setConnection("admin key needed");
+    lock("feed");
+    loadRecent();
+  } else {
+    setConnection("offline");
+    notify(new ApiError(error?.message ?? `the server stream answered ${status}`, status));
+  }
 }
 
 function setConnection(state) {
@@ -190,13 +210,64 @@ function setConnection(state) {
 
 async function sampleThreads() {
   try {
-    const info = await api("GET", "/api/server");
+    const info = await read("/api/server");
+    if (!info) return;
     $("version").textContent = `v${info.version}`;
     server.threads = info.statistics;
     render();
-  } catch {
-    // the connection badge already says the server is away
+  } catch (error) {
+    if (error.code === "forbidden") lock("server");
+    // otherwise the connection badge already says the server is away
   }
+}
+
+// -- keys and admin-only parts ---------------------------------------------------------------
+
+// Show the parts of `part` ("server", "feed") as "admin key needed".
+function lock(part) {
+  session.locked.add(part);
+  for (const element of document.querySelectorAll(`[data-admin-part="${part}"]`)) {
+    element.dataset.locked = "";
+  }
+}
+
+function unlockAll() {
+  session.locked.clear();
+  for (const element of document.querySelectorAll("[data-locked]")) {
+    delete element.dataset.locked;
+  }
+}
+
+// Follow the server: the stream, the sampled statistics (the list comes with the snapshot).
+function start() {
+  session.live = true;
+  session.epoch += 1;
+  unlockAll();
+  followServer();
+  sampleThreads();
+}
+
+// Forget everything this key could see; nothing runs until start() again.
+function stop() {
+  session.live = false;
+  session.epoch += 1;
+  setConnection("key needed");
+  session.feed?.close();
+  session.feed = null;
+  closeConversation();
+  Object.assign(server, { limits: null, counts: { running: 0, queued: 0 }, threads: null });
+  Object.assign(server, { running: new Map(), queue: [], held: [] });
+  conversations.clear();
+  $("version").textContent = "…";
+  render();
+}
+
+// Every STATISTICS_EVERY_MS: sample what no stream tells; without the server stream, poll
+// the list of conversations instead.
+function tick() {
+  if (!session.live) return;
+  if (!session.locked.has("server")) sampleThreads();
+  if (session.locked.has("feed")) loadRecent();
 }
 
 // -- rendering -----------------------------------------------------------------------------
@@ -208,210 +279,8 @@ function render() {
   renderPending = true;
   requestAnimationFrame(() => {
     renderPending = false;
-    renderGauges();
-    renderRunning();
-    renderQueue();
-    renderConversations();
+    renderTables(server, conversations, { titleOf, selected: view.id });
   });
-}
-
-function gauge(name, used, total) {
-  const box = $(`gauge-${name}`);
-  $(`gauge-${name}-value`).textContent = total === undefined ? "–" : `${used} / ${total}`;
-  const meter = box.querySelector("meter");
-  meter.max = Math.max(total ?? 1, 1);
-  meter.value = used;
-  box.classList.toggle("full", total !== undefined && used >= total);
-}
-
-function renderGauges() {
-  const limits = server.limits ?? {};
-  const threads = server.threads ?? {};
-  gauge("running", server.counts.running, limits.max_concurrent_runs);
-  gauge("queued", server.counts.queued, limits.max_queued_runs);
-  gauge("io", threads.io_borrowed ?? 0, threads.io_total);
-  gauge("tool", threads.tool_borrowed ?? 0, threads.tool_total);
-  const input = $("max-concurrent-input");
-  if (document.activeElement !== input && limits.max_concurrent_runs !== undefined) {
-    input.value = limits.max_concurrent_runs;
-  }
-}
-
-function cell(text, className) {
-  const td = document.createElement("td");
-  td.textContent = text;
-  if (className) td.className = className;
-  return td;
-}
-
-function row(testid, conversationId, runId, cells) {
-  const tr = document.createElement("tr");
-  tr.dataset.testid = testid;
-  tr.dataset.conversationId = conversationId;
-  if (runId) tr.dataset.runId = runId;
-  tr.classList.toggle("selected", conversationId === view.id);
-  tr.append(...cells);
-  return tr;
-}
-
-function fillTable(testid, rows) {
-  $(testid).tBodies[0].replaceChildren(...rows);
-}
-
-function renderRunning() {
-  const rows = [...server.running.values()]
-    .sort((a, b) => (a.started_at ?? "").localeCompare(b.started_at ?? ""))
-    .map((run) =>
-      row("running-row", run.conversation_id, run.run_id, [
-        cell(titleOf(run.conversation_id), "title"),
-        cell(run.run_id.slice(0, 8), "id"),
-        cell(run.status, `status ${run.status}`),
-        cell(String(run.steps + 1), "number"),
-        cell(since(run.started_at), "number"),
-      ]),
-    );
-  fillTable("running-table", rows);
-  $("running-empty").hidden = rows.length > 0;
-}
-
-function renderQueue() {
-  const line = [
-    ...server.queue.map((run, i) => [String(i + 1), run]),
-    ...server.held.map((run) => ["–", run]), // behind an earlier run of their conversation
-  ];
-  const rows = line.slice(0, QUEUE_ROWS_SHOWN).map(([position, run]) =>
-    row("queue-row", run.conversation_id, run.run_id, [
-      cell(position, "number"),
-      cell(titleOf(run.conversation_id), "title"),
-      cell(run.run_id.slice(0, 8), "id"),
-      cell(since(run.queued_at), "number"),
-    ]),
-  );
-  fillTable("queue-table", rows);
-  $("queue-empty").hidden = line.length > 0;
-  const more = $("queue-more");
-  more.hidden = server.counts.queued <= rows.length;
-  more.textContent = `… and ${server.counts.queued - rows.length} more`;
-}
-
-function renderConversations() {
-  const recent = [...conversations.values()]
-    .filter((c) => c.created_at)
-    .sort((a, b) => b.created_at.localeCompare(a.created_at))
-    .slice(0, RECENT_CONVERSATIONS);
-  const rows = recent.map((c) =>
-    row("conversation-row", c.id, null, [
-      cell(c.title || c.id.slice(0, 8), "title"),
-      cell(c.status, `status ${c.status}`),
-      cell(new Date(c.created_at).toLocaleTimeString(), "number"),
-    ]),
-  );
-  fillTable("conversations-table", rows);
-}
-
-function since(isoTime) {
-  const seconds = Math.max(0, Math.floor((Date.now() - Date.parse(isoTime)) / 1000));
-  const m = Math.floor(seconds / 60);
-  return m ? `${m}m ${String(seconds % 60).padStart(2, "0")}s` : `${seconds}s`;
-}
-
-// -- the conversation view -----------------------------------------------------------------
-
-const view = { id: null, source: null };
-
-function openConversation(id) {
-  closeConversation();
-  view.id = id;
-  $("conversation-view").hidden = false;
-  $("conversation-title").textContent = titleOf(id);
-  $("conversation-id").textContent = id;
-  showStatus(conversation(id)?.status ?? "");
-  const source = new EventSource(`/api/conversations/${encodeURIComponent(id)}/events/stream`);
-  source.onmessage = (message) => addEvent(JSON.parse(message.data));
-  source.addEventListener("delta", (message) => addDelta(JSON.parse(message.data)));
-  source.addEventListener("end", (message) => {
-    if (JSON.parse(message.data).reason === "deleted") closeConversation();
-  });
-  view.source = source;
-  render();
-}
-
-function closeConversation() {
-  view.source?.close();
-  view.id = null;
-  view.source = null;
-  $("conversation-view").hidden = true;
-  $("event-list").replaceChildren();
-  $("typing").hidden = true;
-  render();
-}
-
-function showStatus(status) {
-  const badge = $("conversation-status");
-  badge.textContent = status;
-  badge.className = `status ${status}`;
-}
-
-function describe(payload) {
-  switch (payload.kind) {
-    case "message":
-      return payload.text;
-    case "status":
-      return `${payload.previous} → ${payload.status} (${payload.reason})`;
-    case "error":
-      return `${payload.error_type}: ${payload.message}`;
-    case "action":
-      return `${payload.tool} ${JSON.stringify(payload.arguments)}`;
-    case "observation":
-      return `${payload.tool}${payload.is_error ? " (error)" : ""}: ${payload.content}`;
-    case "llm_call":
-      return (
-        `${payload.model}: ${payload.prompt_tokens} + ${payload.completion_tokens} tokens,` +
-        ` ${Math.round(payload.duration_ms)} ms`
-      );
-    default:
-      return JSON.stringify(payload);
-  }
-}
-
-function addEvent(event) {
-  const item = document.createElement("li");
-  item.dataset.testid = "event";
-  item.dataset.kind = event.kind;
-  const meta = document.createElement("span");
-  meta.className = "meta";
-  const time = new Date(event.timestamp).toLocaleTimeString();
-  meta.textContent = `#${event.seq} ${time} ${event.source} ${event.kind}`;
-  const text = document.createElement("span");
-  text.className = "text";
-  text.textContent = describe(event.payload);
-  item.append(meta, text);
-  const list = $("event-list");
-  list.append(item);
-  while (list.childElementCount > EVENTS_SHOWN) list.firstElementChild.remove();
-  if (event.kind === "status") {
-    showStatus(event.payload.status);
-    setStatus(event.conversation_id, event.payload.status, event.timestamp);
-  }
-  if (event.kind === "message" && event.run_id === typing.runId) clearTyping();
-  item.scrollIntoView({ block: "nearest" });
-}
-
-// Token deltas arrive before their message is stored; the stored message replaces them.
-const typing = { runId: null };
-
-function addDelta(delta) {
-  const line = $("typing");
-  if (typing.runId !== delta.run_id) line.textContent = "";
-  typing.runId = delta.run_id;
-  line.textContent += delta.text;
-  line.hidden = false;
-}
-
-function clearTyping() {
-  typing.runId = null;
-  $("typing").textContent = "";
-  $("typing").hidden = true;
 }
 
 // -- controls ------------------------------------------------------------------------------
@@ -444,7 +313,9 @@ function wireControls() {
   for (const testid of ["running-table", "queue-table", "conversations-table"]) {
     $(testid).addEventListener("click", (click) => {
       const tr = click.target.closest("tr[data-conversation-id]");
-      if (tr) openConversation(tr.dataset.conversationId);
+      if (!tr) return;
+      const id = tr.dataset.conversationId;
+      openConversation(id, { title: titleOf(id), status: conversation(id)?.status });
     });
   }
   $("conversation-close").addEventListener("click", closeConversation);
@@ -460,15 +331,29 @@ function wireControls() {
 
 async function loadRecent() {
   try {
-    const page = await api("GET", `/api/conversations?limit=${RECENT_CONVERSATIONS}`);
+    const page = await read(`/api/conversations?limit=${RECENT_CONVERSATIONS}`);
+    if (!page) return;
+    if (session.locked.has("feed")) dropMissing(page); // no stream says "deleted"
     for (const item of page.items) if (!item.error) remember(item);
   } catch (error) {
     notify(error);
   }
 }
 
+// Forget the known conversations that `page` (newest first) would list but does not.
+function dropMissing(page) {
+  const listed = new Set(page.items.map((item) => item.id));
+  const oldest = page.next_cursor === null ? "" : (page.items.at(-1)?.created_at ?? "");
+  for (const [id, known] of conversations) {
+    if (!listed.has(id) && (known.created_at ?? "") >= oldest) conversations.delete(id);
+  }
+}
+
+setViewHooks({ onStatus: setStatus, onChange: render });
 wireControls();
-followServer();
-sampleThreads();
-setInterval(sampleThreads, STATISTICS_EVERY_MS);
+wireKeyForm();
+onKeyAccepted(start);
+onKeyNeeded(stop);
+start();
+setInterval(tick, STATISTICS_EVERY_MS);
 setInterval(render, 1000); // waiting and elapsed times tick

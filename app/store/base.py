@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.events import EVENT_KINDS, Event, Payload, Source
 from app.lifecycle import Status, Trigger
+from app.principal import DEFAULT_TENANT
 from app.records import ConversationListItem, ConversationRecord, RunRecord, Webhook
 from app.store.faults import StoreHealth
 from app.store.idempotency import Answer, IdempotentWrite
@@ -88,6 +89,8 @@ class NewConversation:
     id: str | None = None
     #: Where to POST when each of its runs ends (the caller checked it is allowed).
     webhook: Webhook | None = None
+    #: The tenant it belongs to (see ``app/principal.py``).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,18 +125,27 @@ class EventStore(Protocol):
         answer: Callable[[ConversationRecord], Answer] | None = None,
     ) -> tuple[ConversationRecord, bool]: ...
     def check_idempotency_key(self, key: str, request_hash: str) -> None: ...
+    def purge_idempotency_keys(self, created_before: str, key: str | None = None) -> int:
+        """Delete keys created before ``created_before`` (ISO 8601 UTC; only ``key``, if
+        given); their conversations stay. Returns how many were deleted."""
+        ...
+
     def get_conversation(self, conversation_id: str) -> ConversationRecord: ...
     def cached_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """A record held in memory, or ``None``; never blocks (callable from Trio)."""
         ...
 
     def list_conversations(
-        self, *, status: Status | None, limit: int, cursor: str | None
-    ) -> ConversationPage: ...
+        self, *, status: Status | None, limit: int, cursor: str | None, tenant: str | None = None
+    ) -> ConversationPage:
+        """Summaries, newest first; only ``tenant``'s conversations when given."""
+        ...
+
     def delete_conversation(self, conversation_id: str) -> None: ...
     def get_agent_state(self, conversation_id: str) -> dict[str, Any]: ...
-    def count_conversations_with_workspace(self, name: str) -> int:
-        """Conversations that name the workspace ``name`` (own-id workspaces not counted)."""
+    def count_conversations_with_workspace(self, name: str, tenant: str = DEFAULT_TENANT) -> int:
+        """Conversations of ``tenant`` that name the workspace ``name`` (own-id workspaces
+        not counted)."""
         ...
 
     # runs

@@ -82,7 +82,7 @@ _PAGE_ENVELOPE_BYTES, _ITEM_EXTRA_BYTES = 64, 8
 # The summary of a conversation, in one row: the spec's kind without loading the spec (a
 # spec that is not JSON gives NULL), long texts cut in SQL. Run columns are prefixed "run_".
 _SUMMARY_SELECT = (
-    f"SELECT c.n, c.id, substr(c.title, 1, {_TITLE_CHARS}) AS title, c.status,"
+    f"SELECT c.n, c.id, c.tenant, substr(c.title, 1, {_TITLE_CHARS}) AS title, c.status,"
     f" CASE WHEN json_valid(c.agent)"
     f" THEN substr(json_extract(c.agent, '$.kind'), 1, {_KIND_CHARS}) END AS agent_kind,"
     " c.max_iterations, c.workspace, c.created_at, c.updated_at, c.last_seq,"
@@ -98,15 +98,23 @@ _SUMMARY_SELECT = (
 
 
 def list_summaries(
-    conn: sqlite3.Connection, status: Status | None, limit: int, before_n: int | None
+    conn: sqlite3.Connection,
+    status: Status | None,
+    limit: int,
+    before_n: int | None,
+    tenant: str | None = None,
 ) -> list[sqlite3.Row]:
-    """Up to ``limit`` summary rows, newest first, older than row ``before_n``.
+    """Up to ``limit`` summary rows, newest first, older than row ``before_n``; only the
+    conversations of ``tenant`` when given (index ``conversations_by_tenant``).
 
     Text that is not valid UTF-8 (written by another program) is read with replacement
     characters instead of failing the whole query.
     """
     clauses: list[str] = []
     params: list[Any] = []
+    if tenant is not None:
+        clauses.append("c.tenant = ?")
+        params.append(tenant)
     if status is not None:
         clauses.append("c.status = ?")
         params.append(status.value)
@@ -202,6 +210,7 @@ def _conversation_fields(row: sqlite3.Row, run: RunRecord | None) -> dict[str, A
     """The fields a conversation's record and its summary share."""
     return {
         "id": row["id"],
+        "tenant": row["tenant"],
         "title": row["title"],
         "status": row["status"],
         "max_iterations": row["max_iterations"],

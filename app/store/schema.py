@@ -10,7 +10,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 3  # 2: health_probe table, idempotency_keys.answer; 3: conversations.webhook
+# 2: health_probe table, idempotency_keys.answer; 3: conversations.webhook;
+# 4: conversations.tenant (and its index)
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -28,7 +30,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     prompt_tokens   INTEGER NOT NULL DEFAULT 0,         -- summed over llm_call events
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     current_run_id  TEXT,
-    webhook         TEXT                                -- JSON {"url": ...}; null = none
+    webhook         TEXT,                               -- JSON {"url": ...}; null = none
+    tenant          TEXT NOT NULL DEFAULT 'default'     -- who may see it (app/principal.py)
 );
 CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations (status, n);
 
@@ -122,6 +125,8 @@ def initialize(connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
         for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):  # a new file: none
             connection.execute(_MIGRATIONS[step])
+        for index in _LATE_INDEXES:
+            connection.execute(index)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -132,4 +137,11 @@ _MIGRATIONS = {
     1: "ALTER TABLE idempotency_keys ADD COLUMN answer TEXT",
     # a conversation may name a webhook (old conversations have none)
     2: "ALTER TABLE conversations ADD COLUMN webhook TEXT",
+    # conversations belong to a tenant (old ones to the default tenant)
+    3: "ALTER TABLE conversations ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
 }
+
+#: Indexes on columns a migration adds: created after the migrations (``SCHEMA`` runs
+#: first, when an old file does not have the column yet). A tenant's list is its
+#: conversations newest first.
+_LATE_INDEXES = ("CREATE INDEX IF NOT EXISTS conversations_by_tenant ON conversations (tenant, n)",)

@@ -28,6 +28,7 @@ from app.events import (
     utc_now,
 )
 from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
+from app.principal import DEFAULT_TENANT
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
 from app.store.base import (
@@ -41,7 +42,7 @@ from app.store.base import (
 from app.store.cache import RecordCache
 from app.store.connections import Connections
 from app.store.faults import StoreHealth
-from app.store.idempotency import Answer, IdempotentWrite, check_key, save_key
+from app.store.idempotency import Answer, IdempotentWrite, check_key, purge_keys, save_key
 
 R = TypeVar("R")
 
@@ -146,10 +147,12 @@ class SqliteStore:
             conversation_id = new.id or _new_id()
             now = utc_now().isoformat()
             conn.execute(
-                "INSERT INTO conversations (id, title, status, agent, max_iterations,"
-                " workspace, created_at, updated_at, webhook) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO conversations (id, tenant, title, status, agent, max_iterations,"
+                " workspace, created_at, updated_at, webhook)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     conversation_id,
+                    new.tenant,
                     new.title,
                     Status.IDLE.value,
                     json.dumps(new.agent),
@@ -180,6 +183,12 @@ class SqliteStore:
         with self._read() as conn:
             check_key(conn, key, request_hash)
 
+    def purge_idempotency_keys(self, created_before: str, key: str | None = None) -> int:
+        """Delete keys older than ``created_before`` (or just ``key``, if it is); their
+        conversations stay. Returns how many were deleted (see ``purge_keys``)."""
+        with self._write() as conn:
+            return purge_keys(conn, created_before, key)
+
     def get_conversation(self, conversation_id: str) -> ConversationRecord:
         """The conversation, from the cache or read (and cached) under the write lock."""
         cached = self._cache.get(conversation_id)
@@ -195,15 +204,18 @@ class SqliteStore:
         return self._cache.get(conversation_id)
 
     def list_conversations(
-        self, *, status: Status | None, limit: int, cursor: str | None
+        self, *, status: Status | None, limit: int, cursor: str | None, tenant: str | None = None
     ) -> ConversationPage:
-        """Summaries, newest first; ``cursor`` is the ``next_cursor`` of the previous page.
+        """Summaries, newest first; ``cursor`` is the ``next_cursor`` of the previous page;
+        only the conversations of ``tenant`` when given (filtered in the query).
 
         A row that cannot be rendered is listed as an ``UnreadableConversation``; a page
         ends early rather than pass ``queries.MAX_LIST_PAGE_BYTES``.
         """
         with self._read() as conn:
-            rows = queries.list_summaries(conn, status, limit + 1, queries.parse_cursor(cursor))
+            rows = queries.list_summaries(
+                conn, status, limit + 1, queries.parse_cursor(cursor), tenant
+            )
         return queries.summary_page(rows, limit)
 
     def delete_conversation(self, conversation_id: str) -> None:
@@ -214,7 +226,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
                 == 0
             ):
-                raise _conversation_not_found(conversation_id)
+                raise conversation_not_found(conversation_id)
 
     def get_agent_state(self, conversation_id: str) -> dict[str, Any]:
         with self._read() as conn:
@@ -222,23 +234,24 @@ class SqliteStore:
                 "SELECT agent_state FROM conversations WHERE id = ?", (conversation_id,)
             ).fetchone()
         if row is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         state: dict[str, Any] = json.loads(row["agent_state"])
         return state
 
-    def count_conversations_with_workspace(self, name: str) -> int:
-        """How many conversations name the workspace ``name`` (active or not). A
-        conversation working in a directory of its own (no name given) is not counted."""
+    def count_conversations_with_workspace(self, name: str, tenant: str = DEFAULT_TENANT) -> int:
+        """How many conversations of ``tenant`` name the workspace ``name`` (active or not).
+        A conversation working in a directory of its own (no name given) is not counted."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT count(*) FROM conversations WHERE workspace = ?", (name,)
+                "SELECT count(*) FROM conversations WHERE workspace = ? AND tenant = ?",
+                (name, tenant),
             ).fetchone()
         return int(row[0])
 
     def _conversation(self, conn: sqlite3.Connection, conversation_id: str) -> ConversationRecord:
         row = queries.conversation_row(conn, conversation_id)
         if row is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         return queries.conversation_from_row(row)
 
     # -- runs --------------------------------------------------------------------------
@@ -477,7 +490,7 @@ class SqliteStore:
             (now.isoformat(), status, current_run_id, *tokens, conversation_id),
         ).fetchone()
         if row is None:
-            raise _conversation_not_found(conversation_id)
+            raise conversation_not_found(conversation_id)
         self._touched.add(conversation_id)
         # Built without re-validation: every field was produced or validated here.
         event = Event.model_construct(
@@ -556,7 +569,7 @@ class SqliteStore:
         return queries.event_from_row(row)
 
 
-def _conversation_not_found(conversation_id: str) -> NotFound:
+def conversation_not_found(conversation_id: str) -> NotFound:
     return NotFound(
         f"no conversation with id {conversation_id}", detail={"conversation_id": conversation_id}
     )
