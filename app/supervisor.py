@@ -52,7 +52,7 @@ from app import workspaces
 from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
-from app.errors import RunQueueFull, TrellisError
+from app.errors import RunQueueFull, TenantQuotaExceeded, TrellisError
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
 from app.lifecycle import Trigger
 from app.live.hub import LiveHub
@@ -204,12 +204,16 @@ class RunSupervisor:
             self._desk.nursery = None
 
     async def _resume(self, conversation_ids: list[str]) -> None:
-        """``resume_on_start``: queue what fits; leave the rest paused, and say so."""
+        """``resume_on_start``: queue what fits; leave the rest paused, and say so. A
+        tenant at its quota keeps its own conversations paused, not the other tenants'."""
+        over_quota = 0
         for index, conversation_id in enumerate(conversation_ids):
             try:
                 await self.start_run(
                     conversation_id, if_busy=IfBusy.ENQUEUE, reason="resume_on_start"
                 )
+            except TenantQuotaExceeded:
+                over_quota += 1
             except RunQueueFull:
                 left = len(conversation_ids) - index
                 log.warning(
@@ -219,6 +223,13 @@ class RunSupervisor:
                     self.max_queued_runs,
                 )
                 return
+        if over_quota:
+            log.warning(
+                "resume_on_start: %d conversation(s) left paused: their tenant is at"
+                " tenant_max_active_runs = %d",
+                over_quota,
+                self.settings.tenant_max_active_runs,
+            )
 
     async def aclose(self, reason: str = "shutdown") -> int:
         """Drain (bounded by ``shutdown_grace_seconds``), then let :meth:`serve` return.

@@ -240,10 +240,35 @@ async def test_resume_on_start_beyond_the_queue_leaves_the_rest_paused(
     assert "3 conversation(s) left paused" in caplog.text
 
 
-def _new(agent: dict[str, Any]) -> Any:
+async def test_resume_on_start_skips_a_tenant_at_its_quota_not_the_others(
+    settings: Settings, store: SqliteStore, gates: Gates, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three recovered conversations of tenant ``alice`` (quota 1), then one of ``bob``:
+    one of alice's and bob's are queued; alice's other two stay paused, and the log says
+    why."""
+    tenants = ["alice", "alice", "alice", "bob"]
+    ids = []
+    for tenant in tenants:
+        conversation_id = store.create_conversation(_new(gated("r"), tenant=tenant))[0].id
+        store.create_run(
+            conversation_id, run_id=f"run-{conversation_id}", activate=True, reason="user"
+        )
+        store.transition_run(f"run-{conversation_id}", Trigger.START, reason="started")
+        ids.append(conversation_id)
+    settings = settings.model_copy(
+        update={"resume_on_start": True, "max_concurrent_runs": 0, "tenant_max_active_runs": 1}
+    )
+    with trio.fail_after(10):
+        async with open_run_supervisor(settings, store, registry=gated_registry(gates)):
+            statuses = [store.get_conversation(cid).status for cid in ids]
+    assert statuses == [Status.QUEUED, Status.PAUSED, Status.PAUSED, Status.QUEUED]
+    assert "2 conversation(s) left paused: their tenant is at" in caplog.text
+
+
+def _new(agent: dict[str, Any], tenant: str = "default") -> Any:
     from app.store import NewConversation
 
-    return NewConversation(agent=agent, title=None, max_iterations=10)
+    return NewConversation(agent=agent, title=None, max_iterations=10, tenant=tenant)
 
 
 class FlakyStopStore(SqliteStore):
