@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -93,8 +94,9 @@ async def _body(sup: RunSupervisor, after: int) -> AsyncGenerator[bytes, None]:
             for frame in missed:
                 yield _render(frame)
                 last = frame.seq or last
-        async for chunk in _follow(sup, subscription, last):
-            yield chunk
+        async with aclosing(_follow(sup, subscription, last)) as live:
+            async for chunk in live:
+                yield chunk
 
 
 async def _follow(
