@@ -62,6 +62,10 @@ class AgentRegistry:
     def kinds(self) -> list[str]:
         return sorted(self._kinds)
 
+    def spec_models(self) -> dict[str, type[BaseModel]]:
+        """Each registered kind's spec model, by kind (e.g. for the OpenAPI document)."""
+        return {kind: self._kinds[kind].spec_model for kind in self.kinds}
+
     def register(
         self,
         kind: str,

@@ -168,7 +168,7 @@ def build_openapi(app: Quart, registry: AgentRegistry, settings: Settings) -> di
         if method not in {"HEAD", "OPTIONS"}
         if (doc := view_doc(app.view_functions[rule.endpoint])) is not None
     ]
-    specs = _spec_models(registry)
+    specs = registry.spec_models()
     refs, components = _schemas(routes, specs.values())
     _type_agent_specs(
         components, {kind: refs[model, "validation"] for kind, model in specs.items()}
@@ -333,12 +333,6 @@ def _error_responses(route: _Route, error_ref: dict[str, Any], *, keyed: bool) -
             response["headers"] = {"WWW-Authenticate": _WWW_AUTHENTICATE}
         responses[str(status)] = response
     return responses
-
-
-def _spec_models(registry: AgentRegistry) -> dict[str, type[BaseModel]]:
-    """Each registered kind's spec model. (The registry has no public accessor for them yet;
-    its table maps a kind to an :class:`~app.agents.registry.AgentKind`.)"""
-    return {kind: registry._kinds[kind].spec_model for kind in registry.kinds}
 
 
 def _keys_required(settings: Settings) -> bool:
