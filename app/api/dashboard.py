@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from types import MappingProxyType
@@ -88,18 +88,33 @@ ASSETS = load_assets()
 @blueprint.get("/")
 @documented("The live dashboard: an HTML page for browsers (not JSON).", media_type="text/html")
 async def dashboard() -> Response:
-    response = send_asset(ASSETS[PAGE])
-    response.headers["Content-Security-Policy"] = PAGE_POLICY
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return send_page(ASSETS[PAGE], PAGE_POLICY)
 
 
 @blueprint.get("/static/<name>")
 @documented("A file of the dashboard (script, style sheet, image).", errors=(404,))
 async def static_file(name: str) -> Response:
-    asset = ASSETS.get(name) if name != PAGE else None  # the page is served at / only
+    return send_file_of(ASSETS, name, page=PAGE, kind="static")
+
+
+def send_page(page: Asset, policy: str) -> Response:
+    """An HTML page with its Content-Security-Policy; links from it send no ``Referer``."""
+    response = send_asset(page)
+    response.headers["Content-Security-Policy"] = policy
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def send_file_of(assets: Mapping[str, Asset], name: str, *, page: str, kind: str) -> Response:
+    """The file ``name`` of ``assets``, or 404 — also for ``page``, which is served at its
+    own route only, with its policy.
+
+    Errors:
+        :class:`NotFound`: no such file (the name is quoted, cut at 100 characters).
+    """
+    asset = assets.get(name) if name != page else None
     if asset is None:
-        raise NotFound(f"there is no static file {name[:100]!r}", detail={"name": name[:100]})
+        raise NotFound(f"there is no {kind} file {name[:100]!r}", detail={"name": name[:100]})
     return send_asset(asset)
 
 

@@ -22,9 +22,8 @@ from types import MappingProxyType
 import swagger_ui_bundle
 from quart import Blueprint, Response
 
-from app.api.dashboard import PAGE_POLICY, Asset, load_assets, send_asset
+from app.api.dashboard import PAGE_POLICY, Asset, load_assets, send_file_of, send_page
 from app.api.openapi import documented
-from app.errors import NotFound
 
 blueprint = Blueprint("docs", __name__)
 
@@ -49,16 +48,10 @@ ASSETS = _load()
 @blueprint.get("/docs")
 @documented("This API as a browsable page (Swagger UI, served offline).", media_type="text/html")
 async def docs() -> Response:
-    response = send_asset(ASSETS[PAGE])
-    response.headers["Content-Security-Policy"] = DOCS_POLICY
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+    return send_page(ASSETS[PAGE], DOCS_POLICY)
 
 
 @blueprint.get("/docs/<name>")
 @documented("A file of the /docs page (script, style sheet, icon).", errors=(404,))
 async def docs_file(name: str) -> Response:
-    asset = ASSETS.get(name) if name != PAGE else None  # the page is served at /docs only
-    if asset is None:
-        raise NotFound(f"there is no docs file {name[:100]!r}", detail={"name": name[:100]})
-    return send_asset(asset)
+    return send_file_of(ASSETS, name, page=PAGE, kind="docs")

@@ -38,8 +38,9 @@ with the number of attempts), not one per attempt: a receiver that fails for an 
 should not flood the log the agent reads.
 
 Ownership and cancellation:
-    The supervisor creates the dispatcher, starts :meth:`WebhookDispatcher.serve` in its
-    nursery and adds :meth:`listen` to the store. Deleting a conversation calls
+    The supervisor's :class:`~app.live.hub.LiveHub` creates the dispatcher and adds
+    :meth:`listen` to the store; the supervisor starts :meth:`WebhookDispatcher.serve` in
+    its nursery. Deleting a conversation calls
     :meth:`forget`: its deliveries in flight are cancelled and nothing is recorded (the
     queued ones find the conversation gone). :meth:`aclose` (from the supervisor's drain,
     after every run's final status is committed) stops taking run ends; deliveries still
