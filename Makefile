@@ -3,6 +3,9 @@
 #   make serve                          serve on 127.0.0.1:8000, data in ./data
 #   make serve PORT=8001 DATA=./other   another port and data directory (HOST too)
 #   make test                           lint + types + tests with branch coverage (what CI runs)
+#   make bench                          the core-server benchmark (bench/run.py, ~1.5 min)
+#   make bench-scale                    one node at scale: 1k/5k/10k runs in flight (bench/scale.py)
+#   make bench-quick                    the same at small sizes, under a minute
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +18,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA ?= ./data
 
-.PHONY: serve test lint types pytest bench clean
+.PHONY: serve test lint types pytest bench bench-scale bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +50,12 @@ pytest: $(TEST_INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/run.py
+
+bench-scale: $(INSTALLED)
+	$(BIN)/python bench/scale.py
+
+bench-quick: $(INSTALLED)
+	$(BIN)/python bench/scale.py --quick
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -11,8 +11,9 @@ does neither (a refused request stores nothing):
 2. **Record** (a store transaction in a worker thread, shielded): the caller's write —
    just the run, or a new conversation with its run, or a message with its run — in *one*
    transaction.
-3. **Launch** the run task in the supervisor's nursery — or, if the write failed, **undo**
-   the reservation: the slot or the place goes to the next run, and nothing was stored.
+3. **Launch** the run task in the supervisor's nursery (in a context of its own, not a copy
+   of the admitting request's) — or, if the write failed, **undo** the reservation: the
+   slot or the place goes to the next run, and nothing was stored.
 
 Tenants' quota (``tenant_max_active_runs``): the desk counts each tenant's active runs
 (queued + running) in memory — one more at reservation, one less when the reservation is
@@ -22,6 +23,7 @@ and exact for the same reason as the queue's: reservation has no checkpoint.
 
 from __future__ import annotations
 
+import contextvars
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,4 +224,7 @@ class AdmissionDesk:
             unregister(handle, self.shared)
             self._uncount(handle.run_id)
             return
-        self.nursery.start_soon(self._run_counted, handle, conversation)
+        # In a context of its own: the task would otherwise inherit a copy of the admitting
+        # request's (Quart's request context: the request, its headers and body), and keep
+        # it alive — in the task and in its thread — for as long as the run lasts.
+        contextvars.Context().run(self.nursery.start_soon, self._run_counted, handle, conversation)

@@ -15,12 +15,15 @@ Cancellation (cooperative — Python threads cannot be killed):
   run task at once — that is how interrupt takes effect mid-step;
 * pause is not a cancellation: a flag read at the next step boundary.
 
-Whatever stops the run, the final status (``paused`` with the stop reason, ``finished``,
-or ``error``) is committed *by this thread before it returns*.
+The final status of a run that ends by itself (``finished``, ``error``, or ``paused`` at a
+pause's step boundary) is committed *by this thread before it returns*. A cancelled run's
+``paused`` is committed by its run task right after the thread returned (see
+:func:`run_conversation`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -195,8 +198,11 @@ def run_conversation(ctx: RunContext) -> None:
     """Drive the agent until it finishes, fails, pauses or is cancelled (run thread only).
 
     Cancellation:
-        ``trio.Cancelled`` (or a group of them, from a nursery on the Trio side) is recorded
-        as ``paused`` with ``control.stop_reason`` and then re-raised to the run task.
+        ``trio.Cancelled`` (or a group of them, from a nursery on the Trio side) is
+        re-raised to the run task, which records the run ``paused`` with
+        ``control.stop_reason`` once this thread has returned (after all of its events), in
+        one transaction with the other runs stopped at the same time (see
+        ``app/end_ledger.py``): a drain of 10,000 runs is not 10,000 transactions.
 
     Errors:
         Anything else the agent raises — an ``Exception``, but also ``SystemExit``,
@@ -208,6 +214,7 @@ def run_conversation(ctx: RunContext) -> None:
     """
     store, run_id = ctx.store, ctx.run_id
     ctx.control.thread_started = True
+    leave_a_spare_thread()
     try:
         ctx.check_cancelled()
         store.transition_run(run_id, Trigger.START, reason="started")
@@ -216,13 +223,33 @@ def run_conversation(ctx: RunContext) -> None:
         _loop(ctx, ctx.registry.create(ctx.agent_spec))
     except BaseException as exc:
         if is_cancellation(exc):
-            _end(ctx, Trigger.STOP, ctx.control.stop_reason or "shutdown")
-            raise
+            raise  # the run task records the stop, batched with the runs stopped with it
         if ctx.control.end_recorded:
             raise  # the end is on record; what failed came after it
         # A BaseException's text alone rarely says what happened (SystemExit(3) is "3").
         message = str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {exc}"
         _fail(ctx, message, type(exc).__name__, reason="agent_error")
+
+
+def leave_a_spare_thread() -> None:
+    """Start an idle worker thread in Trio's thread cache, for the next run to take.
+
+    Every run keeps its thread for its whole life, so the cache never has one to spare for
+    the next run: without this, each run start would create a thread *on the Trio thread*,
+    which then blocks until the new thread has started — ~1 to 3 ms with the GIL contended,
+    during which no request is served. Creating it here moves that wait to this run thread
+    (which has nothing better to do yet). An idle worker nobody takes exits after Trio's
+    idle timeout (10 s), so a burst leaves at most one spare per run behind, briefly.
+
+    Errors: none. When no thread can be started now (the process is at its thread limit),
+    there is simply no spare: the next run's start creates its thread itself, as it would.
+    """
+    with contextlib.suppress(RuntimeError):  # "can't start new thread"
+        trio.lowlevel.start_thread_soon(_nothing, _nothing)
+
+
+def _nothing(*_: object) -> None:
+    return None
 
 
 def _loop(ctx: RunContext, agent: Agent) -> None:

@@ -168,6 +168,10 @@ async def record_end(
 ) -> None:
     """Record the run's end from the Trio side (shielded: also during cancellation).
 
+    A stop (``Trigger.STOP``) is written together with the stops of the runs that end at
+    the same moment — a drain, a delete, an interrupt of several — in one transaction
+    (see :mod:`app.end_ledger`); this returns once it is committed.
+
     Never raises ``Exception``: when the store refuses the write (disk full, I/O error),
     the end goes to the supervisor's :class:`~app.end_ledger.EndLedger`, which retries it
     until the store takes it — a run never stays ``running`` with no thread behind it.

@@ -89,6 +89,9 @@ _HOST_NAME = r"^[A-Za-z0-9.-]+$|^\[[0-9A-Fa-f:.]+\]$"
 # webhook_allowed_urls entries: scheme://host[:port] and, optionally, a path.
 _WEBHOOK_PREFIX = r"^https?://[^\s@/?#]+(/[^\s?#]*)?$"
 LogFormat = Literal["text", "json"]
+#: The smallest ``thread_stack_size_kib`` accepted (threading's own minimum is 32 KiB, but
+#: the run thread's deepest realistic work needs 96: below 128 a run could crash the server).
+MIN_THREAD_STACK_SIZE_KIB = 128
 SandboxSetting = Literal["auto", "bwrap", "none"]
 
 
@@ -263,6 +266,19 @@ class Settings(BaseModel):
     tool_threads: int = Field(
         16, ge=1, le=1024, description="Worker threads for tool calls, server-wide."
     )
+    # 1024: the deepest realistic run-thread work measured (pydantic validating and
+    # serializing a value nested json_limits.MAX_DEPTH = 64 deep) needs 96 KiB, the whole llm,
+    # streaming, tool and store test suites pass at 32 KiB; 1 MiB is ~10x that and turns the
+    # common runaway recursions into a RecursionError (not a crash of the whole server).
+    # Resident memory is the pages touched (20-34 KiB a run thread), whatever the size.
+    thread_stack_size_kib: int = Field(
+        1024,
+        ge=0,
+        le=1024 * 1024,
+        multiple_of=4,
+        description="Stack size (KiB) of every worker thread (run, io and tool threads);"
+        " 0: the platform's default (ulimit -s). Process-global; see app/threads.py.",
+    )
 
     workspaces_dir: Path = Field(
         Path("workspaces"), description="Conversation workspaces; relative to data_dir."
@@ -420,6 +436,16 @@ class Settings(BaseModel):
     def _distinct_keys(cls, keys: list[ApiKeySetting]) -> list[ApiKeySetting]:
         check_distinct_keys(keys)
         return keys
+
+    @field_validator("thread_stack_size_kib")
+    @classmethod
+    def _usable_stack_size(cls, kib: int) -> int:
+        if 0 < kib < MIN_THREAD_STACK_SIZE_KIB:
+            raise ValueError(
+                f"must be 0 (the platform's default) or at least {MIN_THREAD_STACK_SIZE_KIB}"
+                " KiB: a run thread validating a 64-deep request value needs 96 KiB"
+            )
+        return kib
 
     @field_serializer("webhook_secret", when_used="json")
     def _masked_webhook_secret(self, secret: str) -> str:

@@ -3,8 +3,10 @@
 A stop is a request, never a kill: :meth:`RunHandle.stop` cancels the run's scopes, so a
 queued run leaves the line without starting a thread and a running one stops at its next
 cancellation point (see ``app/conversation.py``). The run's task then records the end and
-sets ``handle.done`` (``app/run_task.py``); that is what everything here waits for. Only how
-long differs:
+sets ``handle.done`` (``app/run_task.py``); that is what everything here waits for. Runs are
+stopped all at once, never one after the other, and the ends of runs stopped together are
+committed together (a few ``stop_runs`` transactions for a whole drain: see
+``app/end_ledger.py``). Only how long the caller waits differs:
 
 * **Briefly** — ``interrupt``, and ``pause`` for the runs it stops at once, wait at most
   :data:`INTERRUPT_JOIN_SECONDS` and answer with the run's record as it is then.
@@ -130,7 +132,14 @@ class RunStops:
         abandoning threads that outlast ``grace_seconds`` (logged as an error: the drain
         gave up on them). Returns how many were abandoned.
         """
-        stuck = await self._stop_and_join(list(self._shared.runs), reason, grace_seconds)
+        handles, writes = list(self._shared.runs), self._shared.ends.stop_writes
+        stuck = await self._stop_and_join(handles, reason, grace_seconds)
+        if handles:
+            log.info(
+                "stopped %d run(s); their ends took %d transaction(s)",
+                len(handles),
+                self._shared.ends.stop_writes - writes,
+            )
         if stuck:
             log.error(
                 "%d run thread(s) did not stop within shutdown_grace_seconds (%s s);"
@@ -166,18 +175,20 @@ class RunStops:
         self, handles: list[RunHandle], reason: str, timeout_seconds: float
     ) -> int:
         """Stop the runs, wait for them to end; abandon those whose threads outlast the
-        timeout. Returns how many were abandoned."""
+        timeout. Returns how many were abandoned.
+
+        A run whose thread has returned (it holds no slot) is never abandoned: if it is
+        not done yet, its end is on its way to the store in the current batch."""
         for handle in handles:  # synchronous: no queued run can take a freed slot meanwhile
             handle.stop(reason)
         with trio.move_on_after(timeout_seconds):
-            for handle in handles:
-                await handle.done.wait()
-        stuck = [handle for handle in handles if not handle.done.is_set()]
+            await _all_done(handles)
+        late = [handle for handle in handles if not handle.done.is_set()]
+        stuck = [handle for handle in late if handle.holds_slot]  # their threads still run
         for handle in stuck:
             self._desk.abandoned.append(handle)
             handle.abandon()
-        for handle in stuck:  # their tasks record the end, then unregister
-            await handle.done.wait()
+        await _all_done(late)  # their tasks record the ends, then unregister
         return len(stuck)
 
 
@@ -186,5 +197,12 @@ async def _stop_briefly(handles: list[RunHandle], reason: str) -> None:
     for handle in handles:
         handle.stop(reason)
     with trio.move_on_after(INTERRUPT_JOIN_SECONDS):
-        for handle in handles:
+        await _all_done(handles)
+
+
+async def _all_done(handles: list[RunHandle]) -> None:
+    """Wait until every handle is done. Their tasks end together (their stops are recorded
+    in batches): a wait only where one is still running, not a checkpoint per run."""
+    for handle in handles:
+        if not handle.done.is_set():
             await handle.done.wait()

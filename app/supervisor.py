@@ -54,7 +54,6 @@ from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
 from app.errors import RunQueueFull, TenantQuotaExceeded, TrellisError
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
-from app.lifecycle import Trigger
 from app.live.hub import LiveHub
 from app.metrics import Metrics
 from app.records import ConversationRecord, RunRecord
@@ -268,8 +267,9 @@ class RunSupervisor:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
         return await self._shared.io(fn, *args, **kwargs)
 
-    async def _write_end(self, run_id: str, trigger: Trigger, **kwargs: Any) -> RunRecord:
-        return await self.io(self.store.transition_run, run_id, trigger, **kwargs)
+    async def _write_end(self, call: Callable[[EventStore], T]) -> T:
+        """The end ledger's store writes: ``call(store)`` on the I/O limiter."""
+        return await self.io(call, self.store)
 
     # -- admission -----------------------------------------------------------------------
 

@@ -78,19 +78,25 @@ def sample_httpx(port: int, path: str, samples: int = HTTPX_SAMPLES) -> dict[str
     return summarize_ms(timings)
 
 
-def sample_while_starting(port: int, path: str, runs_per_round: int) -> dict[str, Any]:
+def sample_while_starting(
+    port: int,
+    path: str,
+    runs_per_round: int,
+    min_samples: int = MIN_SAMPLES_WHILE_STARTING,
+    max_rounds: int = MAX_START_ROUNDS,
+) -> dict[str, Any]:
     """Time GETs while a separate process starts ``runs_per_round`` runs as fast as it can.
 
     Only samples that began inside the creator's busy window count. Rounds repeat (after
     interrupting the previous round's runs, so every burst starts runs into free slots)
-    until ``MIN_SAMPLES_WHILE_STARTING`` samples or ``MAX_START_ROUNDS`` rounds.
+    until ``min_samples`` samples or ``max_rounds`` rounds.
     """
     timings: list[int] = []
     rounds, starts, busy_ns = 0, 0, 0
     with RawClient(port) as client:
         for _ in range(WARMUP_REQUESTS):
             client.timed_get(path)
-        while len(timings) < MIN_SAMPLES_WHILE_STARTING and rounds < MAX_START_ROUNDS:
+        while len(timings) < min_samples and rounds < max_rounds:
             window, round_timings = _one_start_round(client, port, path, runs_per_round)
             timings += round_timings
             rounds += 1

@@ -32,11 +32,17 @@ def log(message: str) -> None:
 
 
 def create_conversations(
-    port: int, count: int, agent: dict[str, Any], connections: int = CREATE_CONNECTIONS
+    port: int,
+    count: int,
+    agent: dict[str, Any],
+    connections: int = CREATE_CONNECTIONS,
+    *,
+    run: bool = True,
 ) -> list[dict[str, Any]]:
-    """Create ``count`` conversations with ``run: true`` over ``connections`` keep-alive
-    connections; return the 201 bodies in completion order (each with its ``run``)."""
-    body = {"agent": agent, "run": True}
+    """Create ``count`` conversations with ``run: true`` (``run=False``: without a run) over
+    ``connections`` keep-alive connections; return the 201 bodies in completion order (each
+    with its ``run``, ``None`` without one)."""
+    body = {"agent": agent, "run": run}
     shares = [count // connections + (i < count % connections) for i in range(connections)]
 
     def create(share: int) -> list[dict[str, Any]]:

@@ -284,6 +284,14 @@ class FlakyStopStore(SqliteStore):
             raise sqlite3.OperationalError("database or disk is full")
         return super().transition_run(run_id, trigger, **kwargs)
 
+    def stop_runs(self, run_ids: list[str], *, reason: str) -> Any:
+        import sqlite3
+
+        if self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().stop_runs(run_ids, reason=reason)
+
 
 async def test_an_end_the_store_refused_is_recorded_once_it_accepts_writes(
     settings: Settings, gates: Gates

@@ -645,7 +645,7 @@ def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     finally:
         reopened.close()
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         plan = conn.execute(
             "EXPLAIN QUERY PLAN SELECT n FROM conversations WHERE tenant = ? ORDER BY n DESC",
             ("alice",),

@@ -428,6 +428,9 @@ class StoreThatFailsToStop(SqliteStore):
             raise sqlite3.OperationalError("disk I/O error")
         return super().transition_run(run_id, trigger, **kwargs)
 
+    def stop_runs(self, run_ids: list[str], *, reason: str) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
 
 async def test_supervisor_survives_a_store_failure_while_recording_a_run_end(
     settings: Settings, gates: Gates, caplog: pytest.LogCaptureFixture

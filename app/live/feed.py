@@ -178,9 +178,14 @@ class LocalFeed:
                 del self._subscribers[subscription.conversation_id]
 
     def publish(self, events: Sequence[Event | Delta]) -> None:
-        """Hand ``events`` to the Trio thread; never blocks (the store's write lock is held)."""
+        """Hand ``events`` to the Trio thread; never blocks (the store's write lock is held).
+
+        Events of conversations nobody follows right now are not handed over at all (most
+        commits: a run's steps, with no stream open): a racy peek, and a safe one, because a
+        stream subscribes *before* it replays from the store — one that subscribes after
+        this peek replays these events, already committed, from the store."""
         token = self._token
-        if token is None:
+        if token is None or not any(item.conversation_id in self._subscribers for item in events):
             return
         try:
             token.run_sync_soon(self._deliver, events)

@@ -192,7 +192,9 @@ class ServerFeed:
 
     def _make_status_frames(self, events: list[Event]) -> None:
         """Trio thread: one ``status`` frame per status event, with the live position of
-        a run that waits for a slot and the counts as they are now."""
+        a run that waits for a slot and the counts as they are now (the same for the whole
+        commit: nothing changes them while this runs)."""
+        stats = self._view.statistics()
         for event in events:
             payload = event.payload
             if not isinstance(payload, StatusPayload):  # publish() passes status events only
@@ -200,7 +202,6 @@ class ServerFeed:
             position = None
             if payload.status is Status.QUEUED and event.run_id is not None:
                 position = self._view.queue_position(event.run_id)  # O(log n)
-            stats = self._view.statistics()
             self._record(
                 "status",
                 time=event.timestamp,

@@ -23,6 +23,11 @@ one must be able to succeed — without a restart. Rules that make it so, all in
    Every other error passes through unchanged.
 4. Once ``COMMIT`` succeeded, the write succeeded: a failing ``after_commit`` (the cache
    refresh) is logged and reported to ``on_cache_error``, never raised to the writer.
+
+Group commit (:meth:`Connections.submit`, ``app/store/group_commit.py``): writes that wait
+for the lock at the same time share one transaction, each in its own savepoint; the rules
+above hold per transaction (``after_commit`` runs once per batch, after its ``COMMIT``), and
+every caller returns only after the ``COMMIT`` that holds its write.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from app.events import utc_now
 from app.store.faults import (
@@ -44,18 +50,23 @@ from app.store.faults import (
     is_storage_error,
     store_unavailable,
 )
+from app.store.group_commit import GroupCommit, PendingWrite, shared_error
 from app.store.schema import PROBE_WRITE, connect, initialize
 
 log = logging.getLogger("trellis.store")
+
+R = TypeVar("R")
 
 
 class Connections:
     """``read()`` and ``write()`` transactions on one database file (created if missing).
 
-    ``after_commit`` runs after every committed write, with the write lock still held. If it
-    raises, the error is logged and ``on_cache_error`` is called (lock still held): the store
-    passes a function that empties its cache, so that no reader is served a record the
-    failed refresh left stale.
+    ``after_commit`` runs after every committed write transaction, with the write lock still
+    held. If it raises, the error is logged and ``on_cache_error`` is called (lock still
+    held): the store passes a function that empties its cache, so that no reader is served a
+    record the failed refresh left stale. ``on_begin`` runs right after every ``BEGIN`` of a
+    write transaction (lock held; it must not fail). ``group_commit=False`` gives every
+    :meth:`submit` a transaction of its own (the baseline of ``bench/store_scale.py``).
     """
 
     def __init__(
@@ -63,11 +74,17 @@ class Connections:
         path: Path,
         after_commit: Callable[[sqlite3.Connection], None],
         on_cache_error: Callable[[], None] | None = None,
+        on_begin: Callable[[], None] | None = None,
+        *,
+        group_commit: bool = True,
     ) -> None:
         self._after_commit = after_commit
         self._on_cache_error = on_cache_error
+        self._on_begin = on_begin
+        self._group_commit = group_commit
         self._path = path
         self._lock = threading.Lock()
+        self._group = GroupCommit(self._lock, self._commit_batch)
         self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -136,6 +153,62 @@ class Connections:
                 yield connection
             self._run_after_commit(connection)
 
+    def submit(self, work: Callable[[sqlite3.Connection], R]) -> R:
+        """Run ``work(writer)`` in a write transaction, shared with the writes other threads
+        submitted meanwhile (group commit); return its result once that transaction is
+        committed and ``after_commit`` ran. Blocks: call it from a worker thread.
+
+        ``work`` must change the database only through the connection it is given (it may
+        run again after a rolled-back attempt; see ``app/store/group_commit.py``).
+
+        Errors:
+            What ``work`` raised — only its own changes were rolled back, the rest of the
+            batch committed. :class:`~app.store.faults.StoreUnavailable` when the storage
+            refused anything in the batch: nothing of the batch was saved.
+        """
+        write = PendingWrite(work)
+        if self._group_commit:
+            self._group.wait_for(write)
+        else:
+            with self._lock:
+                self._commit_batch([write])
+        return write.outcome()
+
+    def waiting_writes(self) -> int:
+        """How many submitted writes wait for a leader (never blocks)."""
+        return self._group.waiting()
+
+    def _commit_batch(self, writes: list[PendingWrite[Any]]) -> None:
+        """Write lock held: run ``writes`` in one transaction and settle each of them;
+        writes a failed transaction did not belong to run again in the next one."""
+        while writes:
+            writes = self._attempt(writes)
+
+    def _attempt(self, writes: list[PendingWrite[Any]]) -> list[PendingWrite[Any]]:
+        """One transaction for ``writes``; returns those to run again (none if it committed
+        or failed for a storage reason)."""
+        running: PendingWrite[Any] | None = None
+        try:
+            with self._transaction() as connection:
+                for running in writes:
+                    running.run(connection, alone=len(writes) == 1)
+                running = None
+        except Exception as error:
+            owner = running or writes[0]
+            retry = not isinstance(error, StoreUnavailable) and running is not None
+            for write in writes:
+                if write is owner:
+                    write.settle(error)
+                elif write.failed_alone():
+                    write.settle()  # its own error stands
+                elif not retry:
+                    write.settle(shared_error(error))
+            return [write for write in writes if not write.done] if retry else []
+        self._run_after_commit(connection)
+        for write in writes:
+            write.settle()
+        return []
+
     def probe(self) -> StoreHealth:
         """Try a tiny write (one row of ``health_probe``) and return the health it leaves.
 
@@ -163,6 +236,8 @@ class Connections:
             connection = self._writer_connection()
             connection.execute("BEGIN IMMEDIATE")
             try:
+                if self._on_begin is not None:
+                    self._on_begin()
                 yield connection
                 connection.execute("COMMIT")
             except BaseException as error:

@@ -34,6 +34,7 @@ from app.records import (
     Webhook,
 )
 from app.store.base import ConversationPage, EventQuery, Order
+from app.store.schema import TEXT_ROWID_BITS, searchable
 
 log = logging.getLogger("trellis.store")
 
@@ -254,39 +255,99 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def _event_filters(conversation_id: str, query: EventQuery) -> tuple[str, list[Any]]:
-    clauses = ["conversation_id = ?"]
+#: The shortest ``q`` the text index answers (a trigram); shorter ones scan the text.
+MIN_INDEXED_Q = 3
+_SEQ_MASK = (1 << TEXT_ROWID_BITS) - 1
+
+
+def _event_filters(
+    conversation_id: str, query: EventQuery, *, indexed_q: bool = False
+) -> tuple[str, list[Any]]:
+    """The WHERE clause on ``events`` (aliased ``e``); with ``indexed_q`` it leaves ``q``
+    and the seq bounds to the text index (:func:`_text_match`)."""
+    clauses = ["e.conversation_id = ?"]
     params: list[Any] = [conversation_id]
     for column in ("kind", "source", "run_id"):
         value = getattr(query, column)
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"e.{column} = ?")
             params.append(str(value))
+    if indexed_q:
+        return " AND ".join(clauses), params
     if query.after_seq is not None:
-        clauses.append("seq > ?")
+        clauses.append("e.seq > ?")
         params.append(query.after_seq)
     if query.before_seq is not None:
-        clauses.append("seq < ?")
+        clauses.append("e.seq < ?")
         params.append(query.before_seq)
     if query.q is not None:
         # Substring match over the event's text (see app.events.searchable_text),
-        # case-insensitive for ASCII letters.
-        clauses.append("instr(lower(text), lower(?)) > 0")
-        params.append(query.q)
+        # case-insensitive for ASCII letters: only for q shorter than MIN_INDEXED_Q.
+        clauses.append("instr(lower(e.text), lower(?)) > 0")
+        params.append(searchable(query.q))
     return " AND ".join(clauses), params
+
+
+def _uses_text_index(query: EventQuery) -> bool:
+    return query.q is not None and len(query.q) >= MIN_INDEXED_Q
+
+
+def _text_match(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> list[Any]:
+    """``[phrase, base, low, high]`` for ``events_text MATCH ? AND rowid BETWEEN ? AND ?``
+    (``base``: the conversation's first rowid; the seq bounds folded into the range)."""
+    row = conn.execute("SELECT n FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    base = -1 if row is None else row[0] << TEXT_ROWID_BITS  # none: an empty range
+    after = min(query.after_seq or 0, _SEQ_MASK)
+    before = min(query.before_seq or _SEQ_MASK + 1, _SEQ_MASK + 1)
+    phrase = '"' + searchable(query.q or "").replace('"', '""') + '"'  # q as one string
+    return [phrase, base, base + after + 1, base + before - 1]
 
 
 def search_events(
     conn: sqlite3.Connection, conversation_id: str, query: EventQuery
 ) -> list[sqlite3.Row]:
-    """Up to ``limit + 1`` rows: the extra row tells the caller there is a next page."""
-    where, params = _event_filters(conversation_id, query)
+    """Up to ``limit + 1`` rows: the extra row tells the caller there is a next page.
+
+    A ``q`` of 3+ characters is answered by the text index, walked in ``seq`` order (the
+    other filters checked on each hit, so a page stops after ``limit + 1`` hits)."""
     direction = "ASC" if query.order is Order.ASC else "DESC"
-    sql = f"SELECT * FROM events WHERE {where} ORDER BY seq {direction} LIMIT ?"
-    return conn.execute(sql, (*params, query.limit + 1)).fetchall()
+    if not _uses_text_index(query):
+        where, params = _event_filters(conversation_id, query)
+        sql = f"SELECT e.* FROM events AS e WHERE {where} ORDER BY e.seq {direction} LIMIT ?"
+        return conn.execute(sql, (*params, query.limit + 1)).fetchall()
+    phrase, base, low, high = _text_match(conn, conversation_id, query)
+    where, params = _event_filters(conversation_id, query, indexed_q=True)
+    sql = (
+        "SELECT e.* FROM events_text AS t CROSS JOIN events AS e"
+        " ON e.seq = t.rowid - ? AND " + where + " WHERE events_text MATCH ?"
+        f" AND t.rowid BETWEEN ? AND ? ORDER BY t.rowid {direction} LIMIT ?"
+    )
+    return conn.execute(sql, (base, *params, phrase, low, high, query.limit + 1)).fetchall()
 
 
 def count_events(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> int:
-    where, params = _event_filters(conversation_id, query)
-    count: int = conn.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchone()[0]
-    return count
+    """How many events match. A ``q`` of 3+ characters alone (with seq bounds) is counted
+    in the text index only; with other filters each hit is checked in ``events``. With no
+    filter but seq bounds the answer is arithmetic: seqs are exactly ``1..last_seq``."""
+    if all(getattr(query, name) is None for name in ("kind", "source", "run_id", "q")):
+        row = conn.execute(
+            "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+        last = 0 if row is None else int(row[0])
+        below = last if query.before_seq is None else min(last, query.before_seq - 1)
+        return max(0, below - (query.after_seq or 0))
+    if not _uses_text_index(query):
+        where, params = _event_filters(conversation_id, query)
+        sql = f"SELECT count(*) FROM events AS e WHERE {where}"
+        return int(conn.execute(sql, params).fetchone()[0])
+    phrase, base, low, high = _text_match(conn, conversation_id, query)
+    where, params = _event_filters(conversation_id, query, indexed_q=True)
+    if len(params) == 1:  # the conversation only
+        sql = "SELECT count(*) FROM events_text WHERE events_text MATCH ? AND rowid BETWEEN ? AND ?"
+        return int(conn.execute(sql, (phrase, low, high)).fetchone()[0])
+    sql = (
+        "SELECT count(*) FROM events_text AS t CROSS JOIN events AS e"
+        " ON e.seq = t.rowid - ? AND " + where + " WHERE events_text MATCH ?"
+        " AND t.rowid BETWEEN ? AND ?"
+    )
+    return int(conn.execute(sql, (base, *params, phrase, low, high)).fetchone()[0])

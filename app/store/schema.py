@@ -2,7 +2,11 @@
 
 Indexes are chosen for the queries the API makes at millions of events: every event query
 is scoped to one conversation and ordered by ``seq``, so each index starts with
-``(conversation_id, …)`` and ends with ``seq``.
+``(conversation_id, …)`` and ends with ``seq``. The ``q`` filter has an index of its own,
+``events_text`` (FTS5, trigram tokenizer: any substring of 3+ characters), kept by triggers;
+its rowid is the conversation's ``n`` in the high 32 bits and the event's ``seq`` below
+(:data:`TEXT_ROWID_BITS`), so one conversation's events are one rowid range, in ``seq``
+order. Why these pragmas and indexes, with measurements: docs/architecture.md, §8.
 """
 
 from __future__ import annotations
@@ -11,8 +15,19 @@ import sqlite3
 from pathlib import Path
 
 # 2: health_probe table, idempotency_keys.answer; 3: conversations.webhook;
-# 4: conversations.tenant (and its index)
-SCHEMA_VERSION = 4
+# 4: conversations.tenant (and its index); 5: events_text (the q index) and its triggers
+SCHEMA_VERSION = 5
+
+#: ``events_text.rowid = conversations.n << TEXT_ROWID_BITS | events.seq``.
+TEXT_ROWID_BITS = 32
+
+
+def searchable(text: str) -> str:
+    """``text`` as ``events.text`` stores it and ``q`` is matched: NUL (which ends a string
+    for FTS5 and SQLite's text functions) becomes U+FFFF, in the text and in ``q`` alike.
+    Events stored before v5 keep their NULs: their index stops at the first one."""
+    return text.replace("\x00", "\uffff")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -67,6 +82,23 @@ CREATE INDEX IF NOT EXISTS events_by_kind ON events (conversation_id, kind, seq)
 CREATE INDEX IF NOT EXISTS events_by_source ON events (conversation_id, source, seq);
 CREATE INDEX IF NOT EXISTS events_by_run ON events (conversation_id, run_id, seq);
 
+-- The q filter's index: every substring of 3+ characters of events.text, case-folded.
+-- Contentless (the text stays in events only); rowid: see TEXT_ROWID_BITS. The text holds
+-- no NUL (see searchable()), which would end it early for FTS5.
+CREATE VIRTUAL TABLE IF NOT EXISTS events_text USING fts5 (
+    text, content = '', tokenize = 'trigram', columnsize = 0
+);
+CREATE TRIGGER IF NOT EXISTS events_text_insert AFTER INSERT ON events BEGIN
+    INSERT INTO events_text (rowid, text) VALUES (
+        (SELECT n FROM conversations WHERE id = new.conversation_id) << 32 | new.seq, new.text
+    );
+END;
+-- Events go only with their conversation (ON DELETE CASCADE): forget their text first.
+CREATE TRIGGER IF NOT EXISTS events_text_forget BEFORE DELETE ON conversations BEGIN
+    INSERT INTO events_text (events_text, rowid, text)
+        SELECT 'delete', old.n << 32 | seq, text FROM events WHERE conversation_id = old.id;
+END;
+
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key             TEXT PRIMARY KEY,
     request_hash    TEXT NOT NULL,
@@ -104,7 +136,16 @@ def connect(path: Path) -> sqlite3.Connection:
     connection.row_factory = sqlite3.Row
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute("PRAGMA foreign_keys = ON")
+    for pragma in PRAGMAS:
+        connection.execute(f"PRAGMA {pragma}")
     return connection
+
+
+#: Per-connection settings beyond durability, each measured (docs/architecture.md, §8):
+#: checkpoint the WAL every ~40 MB instead of every ~4 MB (pages that many commits rewrite
+#: are copied to the database once; fewer checkpoint fsyncs), and truncate it back to
+#: 64 MB after a checkpoint so one burst does not keep a huge file.
+PRAGMAS = ("wal_autocheckpoint = 10000", "journal_size_limit = 67108864")
 
 
 def initialize(connection: sqlite3.Connection) -> None:
@@ -124,7 +165,8 @@ def initialize(connection: sqlite3.Connection) -> None:
     with connection:  # the steps and the new version: all or nothing (rolled back on error)
         connection.execute("BEGIN IMMEDIATE")
         for step in range(version or SCHEMA_VERSION, SCHEMA_VERSION):  # a new file: none
-            connection.execute(_MIGRATIONS[step])
+            for statement in _MIGRATIONS[step]:
+                connection.execute(statement)
         for index in _LATE_INDEXES:
             connection.execute(index)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -132,13 +174,19 @@ def initialize(connection: sqlite3.Connection) -> None:
 
 #: What brings a file of version N (the key) to version N + 1. ``SCHEMA`` creates missing
 #: tables whole, so a step only changes tables that an older version already had.
-_MIGRATIONS = {
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
     # keys keep the first answer (old keys have none: no replay)
-    1: "ALTER TABLE idempotency_keys ADD COLUMN answer TEXT",
+    1: ("ALTER TABLE idempotency_keys ADD COLUMN answer TEXT",),
     # a conversation may name a webhook (old conversations have none)
-    2: "ALTER TABLE conversations ADD COLUMN webhook TEXT",
+    2: ("ALTER TABLE conversations ADD COLUMN webhook TEXT",),
     # conversations belong to a tenant (old ones to the default tenant)
-    3: "ALTER TABLE conversations ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+    3: ("ALTER TABLE conversations ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",),
+    # the q index: SCHEMA created it empty (with its triggers); index the old events
+    4: (
+        "INSERT INTO events_text (events_text) VALUES ('delete-all')",
+        "INSERT INTO events_text (rowid, text) SELECT c.n << 32 | e.seq, e.text"
+        " FROM events AS e JOIN conversations AS c ON c.id = e.conversation_id",
+    ),
 }
 
 #: Indexes on columns a migration adds: created after the migrations (``SCHEMA`` runs

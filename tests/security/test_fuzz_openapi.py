@@ -41,12 +41,14 @@ from app.settings import ApiKeySetting, LLMSettings, Settings
 from tests.conftest import script
 from tests.live import LiveServer, live_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 SEED = 20_250_811  # any fixed value: the same requests on every run
 EXAMPLES_PER_OPERATION = 40
 KEYED_EXAMPLES_PER_OPERATION = 10  # the stateful phase multiplies them into scenarios
-PASS_SECONDS = 45.0  # the deep and wide passes together took about 24 s on 2 cores
+# A hang guard, not a speed target: the deep and wide passes together took 24 s on one 2-core
+# machine and 40-58 s on another (under coverage, the server in this process).
+PASS_SECONDS = 150.0
 DEEP_PASS_EXCLUDES = ("--exclude-method", "DELETE", "--exclude-path", "/api/server/limits")
 #: Event streams never end by design (a request/response fuzzer would wait for ever); their
 #: parameters are tested in tests/test_streams.py, tests/test_server_stream.py and

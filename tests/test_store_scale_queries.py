@@ -1,0 +1,179 @@
+"""The ``q`` filter's text index (schema v5: ``events_text``, FTS5 trigram) and its migration.
+
+Search and count must answer exactly what a plain scan answers: every case is compared
+with a reference computed in Python over the same events.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.events import ActionPayload, MessagePayload, Payload, Source, StatusPayload
+from app.lifecycle import Status
+from app.store import EventQuery, NewConversation, SqliteStore
+from app.store.schema import SCHEMA_VERSION
+
+TEXTS = [
+    "Hello World",
+    "deploy the service",
+    "hello again, world",
+    'say "quoted" things',
+    "redeploy at noon",
+    "nothing here",
+    "HELLO loud",
+    "deploy",
+]
+
+
+def create(store: SqliteStore) -> str:
+    agent = {"kind": "script", "steps": []}
+    return store.create_conversation(NewConversation(agent, "t", 5))[0].id
+
+
+def fill(store: SqliteStore, conversation_id: str) -> list[tuple[int, str, str]]:
+    """Append varied events; returns (seq, kind, text) of each, as the q filter sees it."""
+    log = []
+    for n, text in enumerate(TEXTS * 3):
+        payload: Payload = (
+            MessagePayload(text=text)
+            if n % 3
+            else ActionPayload(call_id=f"c{n}", tool="terminal", arguments={"command": text})
+        )
+        event = store.append_event(conversation_id, None, Source.AGENT, payload)
+        searched = text if n % 3 else f"terminal {text}"
+        log.append((event.seq, payload.kind, searched))
+    return log
+
+
+def reference(log: list[tuple[int, str, str]], query: EventQuery) -> list[int]:
+    """The seqs a scan returns: ASCII case-insensitive substring, other filters, order."""
+    seqs = [
+        seq
+        for seq, kind, text in log
+        if (query.q is None or query.q.lower() in text.lower())
+        and (query.kind is None or kind == query.kind)
+        and (query.after_seq is None or seq > query.after_seq)
+        and (query.before_seq is None or seq < query.before_seq)
+    ]
+    return seqs if query.order == "asc" else seqs[::-1]
+
+
+QUERIES = [
+    {"q": "hello"},
+    {"q": "HeLLo"},
+    {"q": "lo wo"},  # across a word boundary
+    {"q": "deploy"},
+    {"q": '"quoted"'},  # FTS syntax is text here
+    {"q": "lo"},  # shorter than a trigram: the scan
+    {"q": "deploy", "kind": "action"},
+    {"q": "hello", "after_seq": 9},
+    {"q": "hello", "before_seq": 20, "order": "desc"},
+    {"q": "deploy", "after_seq": 3, "before_seq": 20, "kind": "message"},
+    {"q": "zzz"},
+    {},  # counted from last_seq, as are seq bounds alone
+    {"after_seq": 5},
+    {"after_seq": 3, "before_seq": 10},
+    {"before_seq": 1000},
+    {"after_seq": 1000},
+]
+
+
+@pytest.mark.parametrize("fields", QUERIES, ids=[str(q) for q in QUERIES])
+def test_q_search_and_count_match_a_scan(store: SqliteStore, fields: dict[str, Any]) -> None:
+    """Search pages and counts with q (alone and with kind/seq bounds/order) or seq bounds
+    alone equal the reference scan, and another conversation's events never show up."""
+    other = create(store)
+    fill(store, other)
+    conversation_id = create(store)
+    log = fill(store, conversation_id)
+    query = EventQuery(**fields, limit=4)
+    expected = reference(log, query)
+    got: list[int] = []
+    page_query = query
+    while True:
+        page = store.search_events(conversation_id, page_query)
+        got += [event.seq for event in page.items]
+        assert all(event.conversation_id == conversation_id for event in page.items)
+        if page.next_seq is None:
+            break
+        bound = "after_seq" if query.order == "asc" else "before_seq"
+        page_query = query.model_copy(update={bound: page.next_seq})
+    assert got == expected
+    assert store.count_events(conversation_id, query) == len(expected)
+
+
+def test_q_folds_case_beyond_ascii(store: SqliteStore) -> None:
+    """With the index (3+ characters), case folding covers non-ASCII letters too."""
+    conversation_id = create(store)
+    store.append_event(conversation_id, None, Source.USER, MessagePayload(text="ÉTÉ À PARIS"))
+    assert store.count_events(conversation_id, EventQuery(q="été")) == 1
+    assert store.count_events(conversation_id, EventQuery(q="à paris")) == 1
+
+
+def test_q_finds_text_after_a_nul(store: SqliteStore) -> None:
+    """A NUL in an event's text (it would end the string for FTS5) hides nothing after it,
+    and a q holding a NUL matches it, as the scan did before the index."""
+    conversation_id = create(store)
+    text = "before\x00after the nul"
+    store.append_event(conversation_id, None, Source.USER, MessagePayload(text=text))
+    for q in ("after the", "re\x00af", "\x00"):
+        assert store.count_events(conversation_id, EventQuery(q=q)) == 1, q
+        assert len(store.search_events(conversation_id, EventQuery(q=q)).items) == 1, q
+    stored = store.search_events(conversation_id, EventQuery()).items[0].payload
+    assert stored == MessagePayload(text=text)  # the payload keeps its NUL
+
+
+def text_hits(path: Path, phrase: str) -> int:
+    with closing(sqlite3.connect(path)) as conn:
+        sql = "SELECT count(*) FROM events_text WHERE events_text MATCH ?"
+        return int(conn.execute(sql, (f'"{phrase}"',)).fetchone()[0])
+
+
+def test_deleting_a_conversation_forgets_its_text(store: SqliteStore) -> None:
+    """The index loses a deleted conversation's events (the trigger), and keeps others'."""
+    gone, kept = create(store), create(store)
+    for conversation_id in (gone, kept):
+        store.append_event(conversation_id, None, Source.USER, MessagePayload(text="unicorn"))
+    assert text_hits(store.path, "unicorn") == 2
+    store.delete_conversation(gone)
+    assert text_hits(store.path, "unicorn") == 1
+    assert store.count_events(kept, EventQuery(q="unicorn")) == 1
+
+
+def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
+    """A v4 file (no events_text) with events is upgraded on open: old events are found
+    by q (search and count), new ones too, and user_version is 5."""
+    path = tmp_path / "old.sqlite3"
+    store = SqliteStore(path)
+    conversation_id = create(store)
+    log = fill(store, conversation_id)
+    status = StatusPayload(status=Status.IDLE, previous=Status.IDLE, reason="deploy done")
+    store.append_event(conversation_id, None, Source.SYSTEM, status)
+    store.close()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TRIGGER events_text_insert")
+        conn.execute("DROP TRIGGER events_text_forget")
+        conn.execute("DROP TABLE events_text")
+        conn.execute("PRAGMA user_version = 4")
+        conn.commit()
+
+    migrated = SqliteStore(path)
+    try:
+        query = EventQuery(q="deploy", limit=100)
+        old = [*reference(log, query), len(log) + 1]
+        assert [e.seq for e in migrated.search_events(conversation_id, query).items] == old
+        assert migrated.count_events(conversation_id, query) == len(old)
+        new = migrated.append_event(
+            conversation_id, None, Source.USER, MessagePayload(text="deploy again")
+        )
+        assert migrated.count_events(conversation_id, query) == len(old) + 1
+        assert migrated.search_events(conversation_id, query).items[-1].seq == new.seq
+    finally:
+        migrated.close()
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
