@@ -51,7 +51,7 @@ from pydantic import TypeAdapter
 
 from app.events import MessagePayload, Payload, Source, searchable_text
 from app.store import EventQuery, NewConversation, SqliteStore
-from app.store.schema import SCHEMA_VERSION
+from app.store.schema import INDEX_ALL_TEXT, SCHEMA_VERSION
 
 Row = tuple[str, str, str]
 
@@ -203,6 +203,8 @@ def _fill(conn: sqlite3.Connection, sizes: Sizes) -> None:
             "INSERT INTO events VALUES (?, ?, ?, NULL, ?, ?, ?, ?, ?)",
             [(cid, seq, str(uuid.uuid4()), now, *next(rows)) for seq in range(1, count + 1)],
         )
+    for statement in INDEX_ALL_TEXT:  # the q index, as the v5 migration fills it
+        conn.execute(statement)
     conn.execute("COMMIT")
 
 

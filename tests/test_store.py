@@ -612,6 +612,9 @@ def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     old = create(store, "from before")
     store.close()
     with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TRIGGER events_text_forget")  # as version 4 had it
+        conn.execute("DROP TABLE events_text")
+        conn.execute("ALTER TABLE conversations DROP COLUMN indexed_seq")
         conn.execute("DROP INDEX conversations_by_tenant")  # as version 3 had it
         conn.execute("ALTER TABLE conversations DROP COLUMN tenant")
         if version <= 2:

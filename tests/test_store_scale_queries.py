@@ -16,6 +16,8 @@ import pytest
 from app.events import ActionPayload, MessagePayload, Payload, Source, StatusPayload
 from app.lifecycle import Status
 from app.store import EventQuery, NewConversation, SqliteStore
+from app.store.appends import TEXT_INDEX_EVERY
+from app.store.base import Order
 from app.store.schema import SCHEMA_VERSION
 
 TEXTS = [
@@ -83,14 +85,39 @@ QUERIES = [
 ]
 
 
+def index_up_to(path: Path, conversation_id: str, seq: int) -> None:
+    """Put the conversation's events up to ``seq`` in the text index, as the append that
+    fills a batch does (here at any point, to test each split of index and tail)."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        (number,) = conn.execute(
+            "SELECT n FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO events_text (rowid, text) SELECT ? << 32 | seq, text FROM events"
+            " WHERE conversation_id = ? AND seq <= ?",
+            (number, conversation_id, seq),
+        )
+        conn.execute(
+            "UPDATE conversations SET indexed_seq = ? WHERE id = ?", (seq, conversation_id)
+        )
+
+
+@pytest.mark.parametrize("indexed", ["none", "half", "all"])
 @pytest.mark.parametrize("fields", QUERIES, ids=[str(q) for q in QUERIES])
-def test_q_search_and_count_match_a_scan(store: SqliteStore, fields: dict[str, Any]) -> None:
+def test_q_search_and_count_match_a_scan(
+    store: SqliteStore, fields: dict[str, Any], indexed: str
+) -> None:
     """Search pages and counts with q (alone and with kind/seq bounds/order) or seq bounds
-    alone equal the reference scan, and another conversation's events never show up."""
+    alone equal the reference scan, and another conversation's events never show up —
+    whether the events are in the text index, in the tail outside it, or split."""
     other = create(store)
     fill(store, other)
     conversation_id = create(store)
     log = fill(store, conversation_id)
+    for conversation in (other, conversation_id):
+        split = {"none": 0, "half": len(log) // 2, "all": len(log)}[indexed]
+        if split:
+            index_up_to(store.path, conversation, split)
     query = EventQuery(**fields, limit=4)
     expected = reference(log, query)
     got: list[int] = []
@@ -135,14 +162,39 @@ def text_hits(path: Path, phrase: str) -> int:
 
 
 def test_deleting_a_conversation_forgets_its_text(store: SqliteStore) -> None:
-    """The index loses a deleted conversation's events (the trigger), and keeps others'."""
+    """The index loses a deleted conversation's indexed events (the trigger), not the
+    events it never held, and keeps others'."""
     gone, kept = create(store), create(store)
     for conversation_id in (gone, kept):
-        store.append_event(conversation_id, None, Source.USER, MessagePayload(text="unicorn"))
-    assert text_hits(store.path, "unicorn") == 2
+        for _ in range(TEXT_INDEX_EVERY + 1):  # one batch indexed, one event left outside
+            store.append_event(conversation_id, None, Source.USER, MessagePayload(text="unicorn"))
+    assert text_hits(store.path, "unicorn") == 2 * TEXT_INDEX_EVERY
     store.delete_conversation(gone)
-    assert text_hits(store.path, "unicorn") == 1
-    assert store.count_events(kept, EventQuery(q="unicorn")) == 1
+    assert text_hits(store.path, "unicorn") == TEXT_INDEX_EVERY
+    assert store.count_events(kept, EventQuery(q="unicorn")) == TEXT_INDEX_EVERY + 1
+
+
+def test_events_are_indexed_in_batches_and_found_before(store: SqliteStore) -> None:
+    """Events reach the text index TEXT_INDEX_EVERY at a time; until then a q search and
+    count still find them (the scan of the tail), in seq order across both parts, also
+    with a case-folded non-ASCII q."""
+    conversation_id = create(store)
+    total = TEXT_INDEX_EVERY + 10
+    for n in range(1, total + 1):
+        text = f"Été {n}" if n % 2 else f"winter {n}"
+        store.append_event(conversation_id, None, Source.USER, MessagePayload(text=text))
+    assert text_hits(store.path, "été") == TEXT_INDEX_EVERY // 2
+    query = EventQuery(q="éTÉ", limit=500)
+    expected = [n for n in range(1, total + 1) if n % 2]
+    assert [e.seq for e in store.search_events(conversation_id, query).items] == expected
+    assert store.count_events(conversation_id, query) == len(expected)
+    newest_first = EventQuery(q="ÉTÉ", limit=3, order=Order.DESC, after_seq=TEXT_INDEX_EVERY - 4)
+    page = store.search_events(conversation_id, newest_first)
+    assert [e.seq for e in page.items] == expected[::-1][:3]
+    both_parts = EventQuery(q="été", after_seq=TEXT_INDEX_EVERY - 4, before_seq=total)
+    assert [e.seq for e in store.search_events(conversation_id, both_parts).items] == [
+        n for n in expected if TEXT_INDEX_EVERY - 4 < n < total
+    ]
 
 
 def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
@@ -156,9 +208,9 @@ def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
     store.append_event(conversation_id, None, Source.SYSTEM, status)
     store.close()
     with closing(sqlite3.connect(path)) as conn:
-        conn.execute("DROP TRIGGER events_text_insert")
         conn.execute("DROP TRIGGER events_text_forget")
         conn.execute("DROP TABLE events_text")
+        conn.execute("ALTER TABLE conversations DROP COLUMN indexed_seq")
         conn.execute("PRAGMA user_version = 4")
         conn.commit()
 

@@ -5,8 +5,9 @@ in one transaction, so the part done there — under the write lock, in the lead
 is kept to the two statements that must see the transaction (the next ``seq``, the insert)
 and the event record. Everything else (the payload's JSON, its searchable text, the event
 id, the status and token columns) is computed before queueing, in :meth:`NewEvent.of`, by
-the appending thread. The full-text index (``events_text``) is kept by a trigger
-(``app/store/schema.py``), not here.
+the appending thread. The text index (``events_text``, see ``app/store/schema.py``) gets a
+conversation's events in batches: the append that leaves :data:`TEXT_INDEX_EVERY` of them
+unindexed adds them all in one statement.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ _BUMP_CONVERSATION = (
     "UPDATE conversations SET last_seq = last_seq + 1, updated_at = ?,"
     " status = COALESCE(?, status), current_run_id = COALESCE(?, current_run_id),"
     " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
-    " WHERE id = ? RETURNING last_seq"
+    " WHERE id = ? RETURNING last_seq, indexed_seq, n"
 )
+_INDEX_TAIL = (
+    "INSERT INTO events_text (rowid, text) SELECT ? << 32 | seq, text FROM events"
+    " WHERE conversation_id = ? AND seq > ?"
+)
+
+#: A conversation's newest events, fewer than this, wait outside the text index (a search
+#: with ``q`` scans them); one FTS5 insert per event would write an index segment each.
+TEXT_INDEX_EVERY = 256
 _INSERT_EVENT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -89,7 +98,7 @@ def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
     ).fetchone()
     if row is None:
         return None
-    seq = row[0]
+    seq, indexed_seq, number = row
     conn.execute(
         _INSERT_EVENT,
         (
@@ -104,6 +113,8 @@ def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
             new.text,
         ),
     )
+    if seq - indexed_seq >= TEXT_INDEX_EVERY:
+        index_text(conn, new.conversation_id, number, indexed_seq)
     # Built without re-validation: every field was produced or validated here.
     return Event.model_construct(
         id=new.id,
@@ -114,3 +125,10 @@ def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
         source=new.source,
         payload=new.payload,
     )
+
+
+def index_text(conn: sqlite3.Connection, conversation_id: str, number: int, after: int) -> None:
+    """Add the conversation's events after seq ``after`` to the text index (one statement;
+    ``number``: the conversation's ``n``) and mark them indexed."""
+    conn.execute(_INDEX_TAIL, (number, conversation_id, after))
+    conn.execute("UPDATE conversations SET indexed_seq = last_seq WHERE id = ?", (conversation_id,))

@@ -16,6 +16,7 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -292,15 +293,51 @@ def _uses_text_index(query: EventQuery) -> bool:
     return query.q is not None and len(query.q) >= MIN_INDEXED_Q
 
 
-def _text_match(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> list[Any]:
-    """``[phrase, base, low, high]`` for ``events_text MATCH ? AND rowid BETWEEN ? AND ?``
-    (``base``: the conversation's first rowid; the seq bounds folded into the range)."""
-    row = conn.execute("SELECT n FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+@dataclass(frozen=True, slots=True)
+class _TextMatch:
+    """A ``q`` of 3+ characters, in two parts: the events in the text index (``MATCH`` over
+    the rowid range ``low..high``: the conversation's, seq bounds folded in) and the newer
+    ones, not indexed yet (seq in ``tail_after < seq < before``: a scan with
+    ``trellis_contains``)."""
+
+    phrase: str
+    base: int  # the conversation's rowid 0 (seq = rowid - base)
+    low: int
+    high: int
+    tail_after: int
+    before: int
+    q: str
+
+
+def _text_match(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> _TextMatch:
+    row = conn.execute(
+        "SELECT n, indexed_seq FROM conversations WHERE id = ?", (conversation_id,)
+    ).fetchone()
     base = -1 if row is None else row[0] << TEXT_ROWID_BITS  # none: an empty range
+    indexed = 0 if row is None else row[1]
     after = min(query.after_seq or 0, _SEQ_MASK)
     before = min(query.before_seq or _SEQ_MASK + 1, _SEQ_MASK + 1)
-    phrase = '"' + searchable(query.q or "").replace('"', '""') + '"'  # q as one string
-    return [phrase, base, base + after + 1, base + before - 1]
+    q = searchable(query.q or "")
+    phrase = '"' + q.replace('"', '""') + '"'  # q as one string
+    return _TextMatch(
+        phrase,
+        base,
+        base + after + 1,
+        base + min(before - 1, indexed),
+        max(after, indexed),
+        before,
+        q,
+    )
+
+
+_INDEXED_PART = (
+    "SELECT e.* FROM events_text AS t CROSS JOIN events AS e ON e.seq = t.rowid - ? AND {where}"
+    " WHERE events_text MATCH ? AND t.rowid BETWEEN ? AND ?"
+)
+_TAIL_PART = (
+    "SELECT e.* FROM events AS e WHERE {where} AND e.seq > ? AND e.seq < ?"
+    " AND trellis_contains(e.text, ?)"
+)
 
 
 def search_events(
@@ -309,26 +346,46 @@ def search_events(
     """Up to ``limit + 1`` rows: the extra row tells the caller there is a next page.
 
     A ``q`` of 3+ characters is answered by the text index, walked in ``seq`` order (the
-    other filters checked on each hit, so a page stops after ``limit + 1`` hits)."""
+    other filters checked on each hit, so a page stops after ``limit + 1`` hits), merged
+    with a scan of the newest events, not indexed yet (fewer than ``TEXT_INDEX_EVERY``)."""
     direction = "ASC" if query.order is Order.ASC else "DESC"
     if not _uses_text_index(query):
         where, params = _event_filters(conversation_id, query)
         sql = f"SELECT e.* FROM events AS e WHERE {where} ORDER BY e.seq {direction} LIMIT ?"
         return conn.execute(sql, (*params, query.limit + 1)).fetchall()
-    phrase, base, low, high = _text_match(conn, conversation_id, query)
+    match = _text_match(conn, conversation_id, query)
     where, params = _event_filters(conversation_id, query, indexed_q=True)
+    indexed = _INDEXED_PART.format(where=where) + f" ORDER BY t.rowid {direction} LIMIT ?"
+    tail = _TAIL_PART.format(where=where) + f" ORDER BY e.seq {direction} LIMIT ?"
     sql = (
-        "SELECT e.* FROM events_text AS t CROSS JOIN events AS e"
-        " ON e.seq = t.rowid - ? AND " + where + " WHERE events_text MATCH ?"
-        f" AND t.rowid BETWEEN ? AND ? ORDER BY t.rowid {direction} LIMIT ?"
+        f"SELECT * FROM ({indexed}) UNION ALL SELECT * FROM ({tail})"
+        f" ORDER BY seq {direction} LIMIT ?"
     )
-    return conn.execute(sql, (base, *params, phrase, low, high, query.limit + 1)).fetchall()
+    limit = query.limit + 1
+    return conn.execute(
+        sql,
+        (
+            match.base,
+            *params,
+            match.phrase,
+            match.low,
+            match.high,
+            limit,
+            *params,
+            match.tail_after,
+            match.before,
+            match.q,
+            limit,
+            limit,
+        ),
+    ).fetchall()
 
 
 def count_events(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> int:
     """How many events match. A ``q`` of 3+ characters alone (with seq bounds) is counted
-    in the text index only; with other filters each hit is checked in ``events``. With no
-    filter but seq bounds the answer is arithmetic: seqs are exactly ``1..last_seq``."""
+    in the text index, plus a scan of the newest events not indexed yet; with other
+    filters each hit is checked in ``events``. With no filter but seq bounds the answer
+    is arithmetic: seqs are exactly ``1..last_seq``."""
     if all(getattr(query, name) is None for name in ("kind", "source", "run_id", "q")):
         row = conn.execute(
             "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
@@ -340,14 +397,15 @@ def count_events(conn: sqlite3.Connection, conversation_id: str, query: EventQue
         where, params = _event_filters(conversation_id, query)
         sql = f"SELECT count(*) FROM events AS e WHERE {where}"
         return int(conn.execute(sql, params).fetchone()[0])
-    phrase, base, low, high = _text_match(conn, conversation_id, query)
+    match = _text_match(conn, conversation_id, query)
     where, params = _event_filters(conversation_id, query, indexed_q=True)
-    if len(params) == 1:  # the conversation only
+    tail_sql = "SELECT count(*) FROM (" + _TAIL_PART.format(where=where) + ")"
+    tail = conn.execute(tail_sql, (*params, match.tail_after, match.before, match.q))
+    in_tail = int(tail.fetchone()[0])
+    if len(params) == 1:  # the conversation only: the index alone counts the indexed part
         sql = "SELECT count(*) FROM events_text WHERE events_text MATCH ? AND rowid BETWEEN ? AND ?"
-        return int(conn.execute(sql, (phrase, low, high)).fetchone()[0])
-    sql = (
-        "SELECT count(*) FROM events_text AS t CROSS JOIN events AS e"
-        " ON e.seq = t.rowid - ? AND " + where + " WHERE events_text MATCH ?"
-        " AND t.rowid BETWEEN ? AND ?"
-    )
-    return int(conn.execute(sql, (base, *params, phrase, low, high)).fetchone()[0])
+        row = conn.execute(sql, (match.phrase, match.low, match.high)).fetchone()
+        return int(row[0]) + in_tail
+    sql = "SELECT count(*) FROM (" + _INDEXED_PART.format(where=where) + ")"
+    row = conn.execute(sql, (match.base, *params, match.phrase, match.low, match.high)).fetchone()
+    return int(row[0]) + in_tail
