@@ -94,10 +94,11 @@ class AdmissionDesk:
         self.active_of_tenant: dict[str, int] = {}
 
     def queued(self) -> int:
-        """Active runs without a slot: in the line, or behind their conversation's run."""
+        """Active runs without a slot: in the line, or behind their conversation's run
+        (not those whose end is being recorded)."""
         self.abandoned = [handle for handle in self.abandoned if handle.holds_slot]
         holding = self.shared.line.seated - len(self.abandoned)
-        return len(self.shared.runs) - holding
+        return len(self.shared.runs) - holding - self.shared.runs.ending
 
     def check(
         self, conversation_id: str | None, *, if_busy: IfBusy, tenant: str | None = None

@@ -80,6 +80,19 @@ class ActiveRuns:
     def __init__(self) -> None:
         self._by_id: dict[str, RunHandle] = {}
         self._by_conversation: dict[str, list[RunHandle]] = {}
+        #: Runs without a slot whose task is only recording their end (stops are written
+        #: in batches): still registered, but neither running nor queued.
+        self._ending: set[str] = set()
+
+    @property
+    def ending(self) -> int:
+        """How many registered runs hold no slot and only wait for their end's record."""
+        return len(self._ending)
+
+    def mark_ending(self, handle: RunHandle) -> None:
+        """The run's task records its end now; it no longer waits for anything else."""
+        if handle.run_id in self._by_id and not handle.holds_slot:
+            self._ending.add(handle.run_id)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -102,6 +115,7 @@ class ActiveRuns:
         """Forget the handle (no-op if it is not registered)."""
         if self._by_id.pop(handle.run_id, None) is None:
             return
+        self._ending.discard(handle.run_id)
         runs = self._by_conversation[handle.conversation_id]
         runs.remove(handle)
         if not runs:

@@ -115,6 +115,7 @@ async def run_admitted(
             if not hosted:
                 shared.line.release(handle)  # seated, cancelled before its thread started
                 shared.metrics.forget_stop(handle.run_id)
+            shared.runs.mark_ending(handle)  # not queued while its end is being recorded
             await _record_end_if_missing(handle, failure, shared)
             unregister(handle, shared)
             if hosted:

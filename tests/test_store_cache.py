@@ -124,3 +124,23 @@ def test_record_cache_evicts_the_oldest_entry() -> None:
         cache.put(record)
     assert (cache.get("0"), cache.get("1"), cache.get("2")) == (None, records[1], records[2])
     assert len(cache) == 2
+
+
+def test_a_big_transaction_drops_what_it_touched_instead_of_refreshing(
+    store: SqliteStore,
+) -> None:
+    """A commit that touches more cached conversations than it re-reads (a drain's
+    stop_runs) leaves none of them stale: dropped, then read fresh; a small one refreshes."""
+    conversations = [create(store).id for _ in range(70)]
+    for n, conversation_id in enumerate(conversations):
+        store.create_run(conversation_id, run_id=f"r{n}", activate=True, reason="user")
+        store.get_conversation(conversation_id)  # cached
+    store.stop_runs([f"r{n}" for n in range(70)], reason="shutdown")
+    assert all(store.cached_conversation(c) is None for c in conversations)
+    for conversation_id in conversations:
+        assert store.get_conversation(conversation_id) == fresh(store, conversation_id)
+        assert store.cached_conversation(conversation_id) == fresh(store, conversation_id)
+    assert fresh(store, conversations[0]).status is Status.PAUSED
+    store.create_run(conversations[0], run_id="again", activate=True, reason="user")
+    store.stop_runs(["again"], reason="shutdown")  # one conversation: refreshed in place
+    assert store.cached_conversation(conversations[0]) == fresh(store, conversations[0])

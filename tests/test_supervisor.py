@@ -454,3 +454,47 @@ async def test_supervisor_survives_a_store_failure_while_recording_a_run_end(
             gates.release_all()
     finally:
         store.close()
+
+
+class HeldStops(SqliteStore):
+    """A real store whose ``stop_runs`` waits on ``release`` (a run's end being written)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def stop_runs(self, run_ids: list[str], *, reason: str) -> Any:
+        self.entered.set()
+        self.release.wait(10)
+        return super().stop_runs(run_ids, reason=reason)
+
+
+async def test_a_run_whose_end_is_being_recorded_is_not_counted_queued(
+    settings: Settings, gates: Gates
+) -> None:
+    """While an interrupted run's end is written (after its thread returned), the counts
+    say what is true: the next run holds the slot, and only the rest are queued."""
+    store = HeldStops(settings.database_path)
+    try:
+        async with open_run_supervisor(
+            settings.model_copy(update={"max_concurrent_runs": 1}),
+            store,
+            registry=gated_registry(gates),
+        ) as sup:
+            with trio.fail_after(10):
+                first, _ = await start(sup, gated("a"))
+                await start(sup, gated("b"))
+                await start(sup, gated("c"))
+                await gates["a"].wait_entered()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sup.interrupt, first)
+                    await trio.to_thread.run_sync(store.entered.wait)
+                    await gates["b"].wait_entered()
+                    stats = sup.statistics()
+                    assert (stats.running, stats.queued, stats.waiting_for_slot) == (1, 1, 1)
+                    store.release.set()
+                gates.release_all()
+    finally:
+        store.release.set()
+        store.close()

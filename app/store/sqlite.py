@@ -52,6 +52,9 @@ R = TypeVar("R")
 #: statement cheap to prepare.
 _IDS_PER_QUERY = 500
 
+#: The most cached conversations a commit re-reads; beyond, it drops them from the cache.
+_REFRESH_AT_MOST = 64
+
 #: Runs stopped per transaction by crash recovery: one transaction for any realistic crash
 #: (10,000 runs took ~N ms here), chunked beyond so that no transaction grows unbounded.
 _RUNS_PER_RECOVERY = 20_000
@@ -136,18 +139,29 @@ class SqliteStore:
 
     def _refresh_cached(self, writer: sqlite3.Connection) -> None:
         """After a commit (write lock held): tell listeners about the new events, then
-        re-read the touched conversations that are cached, or drop them if they are gone."""
+        re-read the touched conversations that are cached, or drop them if they are gone.
+
+        A big transaction (a drain's ``stop_runs``, a batch of many runs' appends) drops
+        them instead (more than :data:`_REFRESH_AT_MOST`): re-reading and validating
+        10,000 records held the write lock for most of a drain, and a dropped record is
+        simply read again by its next reader."""
         if self._appended:
             events = list(self._appended)
             for listener in list(self._listeners):
                 listener(events)
-        for conversation_id in self._touched:
-            if conversation_id in self._cache:
-                row = queries.conversation_row(writer, conversation_id)
-                if row is None:
-                    self._cache.drop(conversation_id)
-                else:
-                    self._cache.put(queries.conversation_from_row(row))
+        cached = [
+            conversation_id for conversation_id in self._touched if conversation_id in self._cache
+        ]
+        if len(cached) > _REFRESH_AT_MOST:
+            for conversation_id in cached:
+                self._cache.drop(conversation_id)
+            return
+        for conversation_id in cached:
+            row = queries.conversation_row(writer, conversation_id)
+            if row is None:
+                self._cache.drop(conversation_id)
+            else:
+                self._cache.put(queries.conversation_from_row(row))
 
     # -- conversations -----------------------------------------------------------------
 
