@@ -220,14 +220,7 @@ async def test_resume_on_start_beyond_the_queue_leaves_the_rest_paused(
 ) -> None:
     """``resume_on_start`` with more recovered conversations than places: what fits is
     queued, the rest stays paused, start-up does not crash, and the log says so."""
-    ids = []
-    for _ in range(5):  # five runs left "running" by a crash
-        conversation_id = store.create_conversation(_new(gated("r")))[0].id
-        store.create_run(
-            conversation_id, run_id=f"run-{conversation_id}", activate=True, reason="user"
-        )
-        store.transition_run(f"run-{conversation_id}", Trigger.START, reason="started")
-        ids.append(conversation_id)
+    ids = _left_running(store, ["default"] * 5)  # five runs left "running" by a crash
     settings = settings.model_copy(
         update={"resume_on_start": True, "max_concurrent_runs": 0, "max_queued_runs": 2}
     )
@@ -246,15 +239,7 @@ async def test_resume_on_start_skips_a_tenant_at_its_quota_not_the_others(
     """Three recovered conversations of tenant ``alice`` (quota 1), then one of ``bob``:
     one of alice's and bob's are queued; alice's other two stay paused, and the log says
     why."""
-    tenants = ["alice", "alice", "alice", "bob"]
-    ids = []
-    for tenant in tenants:
-        conversation_id = store.create_conversation(_new(gated("r"), tenant=tenant))[0].id
-        store.create_run(
-            conversation_id, run_id=f"run-{conversation_id}", activate=True, reason="user"
-        )
-        store.transition_run(f"run-{conversation_id}", Trigger.START, reason="started")
-        ids.append(conversation_id)
+    ids = _left_running(store, ["alice", "alice", "alice", "bob"])
     settings = settings.model_copy(
         update={"resume_on_start": True, "max_concurrent_runs": 0, "tenant_max_active_runs": 1}
     )
@@ -263,6 +248,19 @@ async def test_resume_on_start_skips_a_tenant_at_its_quota_not_the_others(
             statuses = [store.get_conversation(cid).status for cid in ids]
     assert statuses == [Status.QUEUED, Status.PAUSED, Status.PAUSED, Status.QUEUED]
     assert "2 conversation(s) left paused: their tenant is at" in caplog.text
+
+
+def _left_running(store: SqliteStore, tenants: list[str]) -> list[str]:
+    """One conversation per tenant given, each with a run left ``running`` (as a crash
+    leaves it); their ids, in that order."""
+    ids = []
+    for tenant in tenants:
+        conversation_id = store.create_conversation(_new(gated("r"), tenant=tenant))[0].id
+        run_id = f"run-{conversation_id}"
+        store.create_run(conversation_id, run_id=run_id, activate=True, reason="user")
+        store.transition_run(run_id, Trigger.START, reason="started")
+        ids.append(conversation_id)
+    return ids
 
 
 def _new(agent: dict[str, Any], tenant: str = "default") -> Any:

@@ -16,7 +16,7 @@ from app.events import Event, MessagePayload, Source
 from app.lifecycle import Status, Trigger
 from app.settings import Settings
 from app.store import SqliteStore
-from app.supervisor import open_run_supervisor
+from app.supervisor import RunSupervisor, open_run_supervisor
 from tests.conftest import assert_all_returned, new_conversation, script
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,6 +62,16 @@ class Said:
             self.all.set()
 
 
+async def start_sleepers(sup: RunSupervisor, count: int) -> list[str]:
+    """``count`` conversations, each with a run of :data:`SLEEPER` started; their ids."""
+    ids = []
+    for _ in range(count):
+        conversation = await new_conversation(sup, SLEEPER)
+        await sup.start_run(conversation.id)
+        ids.append(conversation.id)
+    return ids
+
+
 @pytest.fixture
 def many(settings: Settings) -> Settings:
     return settings.model_copy(
@@ -79,11 +89,7 @@ async def test_a_drain_records_hundreds_of_ends_in_a_few_transactions(many: Sett
     try:
         with trio.fail_after(45):
             async with open_run_supervisor(many, store) as sup:
-                ids = []
-                for _ in range(RUNS):
-                    conversation = await new_conversation(sup, SLEEPER)
-                    await sup.start_run(conversation.id)
-                    ids.append(conversation.id)
+                ids = await start_sleepers(sup, RUNS)
                 await trio.to_thread.run_sync(said.all.wait, abandon_on_cancel=True)
                 assert sup.statistics().running == RUNS
             assert_all_returned(sup)
@@ -129,11 +135,7 @@ async def test_a_refused_batch_of_ends_is_retried_and_recorded(
     try:
         with trio.fail_after(45):
             async with open_run_supervisor(many, store) as sup:
-                ids = []
-                for _ in range(runs):
-                    conversation = await new_conversation(sup, SLEEPER)
-                    await sup.start_run(conversation.id)
-                    ids.append(conversation.id)
+                ids = await start_sleepers(sup, runs)
                 await trio.to_thread.run_sync(said.all.wait, abandon_on_cancel=True)
         assert store.refused >= 1
         assert store.list_active_runs() == []

@@ -56,7 +56,8 @@ _IDS_PER_QUERY = 500
 _REFRESH_AT_MOST = 64
 
 #: Runs stopped per transaction by crash recovery: one transaction for any realistic crash
-#: (10,000 runs took ~N ms here), chunked beyond so that no transaction grows unbounded.
+#: (recovering 10,000 runs took 2.1-2.4 s here, two runs), chunked beyond so that no
+#: transaction grows unbounded.
 _RUNS_PER_RECOVERY = 20_000
 
 
