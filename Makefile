@@ -3,7 +3,7 @@
 #   make serve                          serve on 127.0.0.1:8000, data in ./data
 #   make serve PORT=8001 DATA=./other   another port and data directory (HOST too)
 #   make test                           lint + types + tests with branch coverage (what CI runs)
-#   make bench                          the core-server benchmark (bench/run.py, ~1.5 min)
+#   make bench                          the core-server benchmark + naive vs Trellis (bench/run.py)
 #   make bench-scale                    one node at scale: 1k/5k/10k runs in flight (bench/scale.py)
 #   make bench-quick                    the same at small sizes, under a minute
 PYTHON ?= python3
@@ -49,6 +49,7 @@ pytest: $(TEST_INSTALLED)
 	$(BIN)/pytest --cov --cov-report=term
 
 bench: $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 
 bench-scale: $(INSTALLED)
@@ -56,6 +57,7 @@ bench-scale: $(INSTALLED)
 
 bench-quick: $(INSTALLED)
 	$(BIN)/python bench/scale.py --quick
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -10,7 +10,9 @@ does neither (a refused request stores nothing):
    queue positions handed out are unique and equal to the start order.
 2. **Record** (a store transaction in a worker thread, shielded): the caller's write —
    just the run, or a new conversation with its run, or a message with its run — in *one*
-   transaction.
+   transaction. A run given a slot in step 1 is recorded ``running`` by that same
+   transaction (:attr:`Admission.new_run`): its thread then starts without a write of its
+   own, the cheapest start there is.
 3. **Launch** the run task in the supervisor's nursery (in a context of its own, not a copy
    of the admitting request's) — or, if the write failed, **undo** the reservation: the
    slot or the place goes to the next run, and nothing was stored.
@@ -35,7 +37,8 @@ from app.errors import ConversationBusy, NotFound, RunQueueFull, ShuttingDown, T
 from app.handles import IfBusy, RunHandle
 from app.lifecycle import Trigger
 from app.records import ConversationRecord, RunRecord
-from app.run_task import RunShared, record_end, run_admitted, unregister
+from app.run_task import RunPlan, RunShared, record_end, run_admitted, unregister
+from app.store.base import NewRun
 from app.workspaces import workspace_key
 
 T = TypeVar("T")
@@ -53,6 +56,9 @@ class Admission:
     #: Earlier runs of the conversation to interrupt once this one is recorded
     #: (``if_busy=interrupt``).
     replaces: list[RunHandle] = field(default_factory=list)
+    #: It was given a run slot at once: it is recorded ``running`` by the admitting
+    #: transaction itself, and its thread does not write the start again.
+    seated: bool = False
 
     @property
     def run_id(self) -> str:
@@ -63,6 +69,11 @@ class Admission:
         """Whether the run becomes its conversation's current run at once (no earlier
         active run to wait for)."""
         return self.handle.previous is None
+
+    @property
+    def new_run(self) -> NewRun:
+        """The run as the admitting transaction records it."""
+        return NewRun(self.run_id, self.reason, self.activate, started=self.seated)
 
     def present(self, record: RunRecord) -> RunRecord:
         """The run's record as the admitting request reports it: with the position it
@@ -152,10 +163,12 @@ class AdmissionDesk:
         *,
         if_busy: IfBusy,
         reason: str,
-        tenant: str,
+        tenant: str | None,
     ) -> tuple[T, Admission]:
         """Reserve, record with ``write`` (in a worker thread), then launch — or undo.
-        The run counts against ``tenant``'s quota until it ends.
+        The run counts against ``tenant``'s quota until it ends. ``None``: the tenant is
+        not known yet and no quota is set; it is taken from the conversation ``write``
+        returns (the run counts from then on).
 
         Errors: as :meth:`check`, and whatever ``write`` raises (nothing is admitted then).
         """
@@ -168,11 +181,14 @@ class AdmissionDesk:
             except BaseException:
                 self._undo(admission)
                 raise
-            await self._launch(admission, conversation_of(result))
+            conversation = conversation_of(result)
+            if tenant is None:
+                self._count(admission.run_id, conversation.tenant)
+            await self._launch(admission, conversation)
         return result, admission
 
     def _reserve(
-        self, conversation_id: str, *, if_busy: IfBusy, reason: str, tenant: str
+        self, conversation_id: str, *, if_busy: IfBusy, reason: str, tenant: str | None
     ) -> Admission:
         """Step 1 (synchronous: nothing interleaves with the decision)."""
         self.check(conversation_id, if_busy=if_busy, tenant=tenant)
@@ -182,17 +198,24 @@ class AdmissionDesk:
             str(uuid.uuid4()), conversation_id, previous=earlier[-1] if earlier else None
         )
         runs.add(handle)
-        self.tenant_of[handle.run_id] = tenant
-        self.active_of_tenant[tenant] = self.active_of_tenant.get(tenant, 0) + 1
+        if tenant is not None:
+            self._count(handle.run_id, tenant)
         position = line.admit(handle) if handle.previous is None else None
+        seated = handle.previous is None and position is None
+        handle.control.recorded_started = seated
         replaces = earlier if if_busy is IfBusy.INTERRUPT else []
-        return Admission(handle, position, reason, replaces)
+        return Admission(handle, position, reason, replaces, seated)
 
     def _undo(self, admission: Admission) -> None:
         """The write failed: give the slot or the place to the next run; forget the run."""
         self.shared.line.release(admission.handle)
         unregister(admission.handle, self.shared)
         self._uncount(admission.run_id)
+
+    def _count(self, run_id: str, tenant: str) -> None:
+        """The run counts for its tenant until :meth:`_uncount`."""
+        self.tenant_of[run_id] = tenant
+        self.active_of_tenant[tenant] = self.active_of_tenant.get(tenant, 0) + 1
 
     def _uncount(self, run_id: str) -> None:
         """The run ended (or was never recorded): it no longer counts for its tenant."""
@@ -205,11 +228,11 @@ class AdmissionDesk:
         else:
             del self.active_of_tenant[tenant]
 
-    async def _run_counted(self, handle: RunHandle, conversation: ConversationRecord) -> None:
+    async def _run_counted(self, handle: RunHandle, plan: RunPlan) -> None:
         """The run's task; when it ends (however: it unregisters the run on the way out),
         the run stops counting for its tenant."""
         try:
-            await run_admitted(handle, conversation, self.shared)
+            await run_admitted(handle, plan, self.shared)
         finally:
             self._uncount(handle.run_id)
 
@@ -228,4 +251,5 @@ class AdmissionDesk:
         # In a context of its own: the task would otherwise inherit a copy of the admitting
         # request's (Quart's request context: the request, its headers and body), and keep
         # it alive — in the task and in its thread — for as long as the run lasts.
-        contextvars.Context().run(self.nursery.start_soon, self._run_counted, handle, conversation)
+        plan = RunPlan.of(conversation)  # not the whole record: the run keeps it all along
+        contextvars.Context().run(self.nursery.start_soon, self._run_counted, handle, plan)

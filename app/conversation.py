@@ -76,6 +76,8 @@ class RunControl:
     pause_requested: bool = False
     stop_reason: str | None = None
     thread_started: bool = False  # set by the run thread; read after it returned
+    #: Set at admission: the admitting transaction recorded the run ``running`` already.
+    recorded_started: bool = False
     end_recorded: bool = False  # set by the run thread once its final status is committed
     ended_as: str | None = None  # "status/reason" of the end, for the run's log line
     steps: int = 0  # completed steps, for the log line
@@ -217,7 +219,8 @@ def run_conversation(ctx: RunContext) -> None:
     leave_a_spare_thread()
     try:
         ctx.check_cancelled()
-        store.transition_run(run_id, Trigger.START, reason="started")
+        if not ctx.control.recorded_started:  # it waited for its slot: record the start
+            store.transition_run(run_id, Trigger.START, reason="started")
         ctx.tool_env.workspace.mkdir(parents=True, exist_ok=True)
         ctx.state = store.get_agent_state(ctx.conversation_id)
         _loop(ctx, ctx.registry.create(ctx.agent_spec))

@@ -48,7 +48,6 @@ from app.slot_line import SlotLine
 from app.store.base import EventStore
 from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolRegistry
-from app.workspaces import workspace_path
 
 T = TypeVar("T")
 log = logging.getLogger("trellis.runs")
@@ -86,9 +85,23 @@ class RunShared:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
 
-async def run_admitted(
-    handle: RunHandle, conversation: ConversationRecord, shared: RunShared
-) -> None:
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """What a run needs of its conversation's record: the agent and its step budget.
+
+    A run keeps this for its whole life, not the record itself (the record with its
+    current run, usage and webhook is several KiB, and a node may hold 10,000 runs).
+    """
+
+    agent_spec: dict[str, Any]
+    max_iterations: int
+
+    @classmethod
+    def of(cls, conversation: ConversationRecord) -> RunPlan:
+        return cls(conversation.agent, conversation.max_iterations)
+
+
+async def run_admitted(handle: RunHandle, plan: RunPlan, shared: RunShared) -> None:
     """Wait for the conversation, then for a slot, then run the thread; always record.
 
     Never raises ``Exception``: a failure outside the agent is logged and recorded on the
@@ -104,7 +117,7 @@ async def run_admitted(
             await _wait_for_turn(handle, shared)
             seated = time.monotonic()
             shared.metrics.run_seated(seated - admitted)
-            ctx = run_context(handle, conversation, shared)
+            ctx = run_context(handle, plan, shared)
             _log_start(handle, admitted)
             hosted = True
             failure = await _run_thread(handle, ctx, shared)
@@ -123,13 +136,13 @@ async def run_admitted(
             _log_end(handle, admitted)
 
 
-def run_context(
-    handle: RunHandle, conversation: ConversationRecord, shared: RunShared
-) -> RunContext:
-    """What the run thread gets: the store, the agent spec, the tools and their workspace."""
+def run_context(handle: RunHandle, plan: RunPlan, shared: RunShared) -> RunContext:
+    """What the run thread gets: the store, the agent spec, the tools and their workspace
+    (``handle.workspace``, set at admission)."""
     settings = shared.settings
+    assert handle.workspace is not None, "admission sets the workspace before the run starts"
     tool_env = ToolEnvironment(
-        workspace=workspace_path(settings.workspaces_path, conversation),
+        workspace=settings.workspaces_path / handle.workspace,
         tool_limiter=shared.tool_limiter,
         command_timeout_seconds=settings.command_timeout_seconds,
         max_command_timeout_seconds=settings.max_command_timeout_seconds,
@@ -146,9 +159,9 @@ def run_context(
         store=shared.store,
         conversation_id=handle.conversation_id,
         run_id=handle.run_id,
-        agent_spec=conversation.agent,
+        agent_spec=plan.agent_spec,
         registry=shared.registry,
-        max_iterations=conversation.max_iterations,
+        max_iterations=plan.max_iterations,
         control=handle.control,
         tools=shared.tools,
         tool_env=tool_env,

@@ -320,6 +320,11 @@ class Settings(BaseModel):
     resume_on_start: bool = Field(
         False, description="Re-queue runs a crash interrupted, instead of pausing them."
     )
+    naive_mode: bool = Field(
+        False,
+        description="For benchmarks and teaching only: runs and short I/O share Trio's"
+        " default thread limiter, with no run slots and no line (the design Trellis replaces).",
+    )
     max_request_bytes: int = Field(
         1_048_576, ge=1024, le=1 << 30, description="Largest accepted request body (bytes)."
     )

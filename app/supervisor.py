@@ -25,7 +25,8 @@ store's listeners (``app/live/hub.py``: opened by :meth:`RunSupervisor.serve`, e
 
 Three limiters, never shared: ``run_limiter`` (run slots), ``io_limiter`` (short store calls
 made for HTTP handlers, via :meth:`io`) and ``tool_limiter`` (tool calls inside runs).
-Nothing here runs on Trio's default thread limiter.
+Nothing here runs on Trio's default thread limiter — except in ``naive_mode``, the
+design Trellis replaces, kept for benchmarks and teaching (see :func:`_limiters`).
 
 Cancellation:
     Interrupt, delete and drain call ``handle.stop()``: a queued run then leaves the line
@@ -52,7 +53,7 @@ from app import workspaces
 from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
 from app.end_ledger import EndLedger
-from app.errors import RunQueueFull, TenantQuotaExceeded, TrellisError
+from app.errors import Conflict, RunQueueFull, TenantQuotaExceeded, TrellisError
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
 from app.live.hub import LiveHub
 from app.metrics import Metrics
@@ -88,8 +89,7 @@ class RunSupervisor:
         self.store = store
         self.registry = registry or default_registry(settings.llm)
         self.tools = tools or default_tools()
-        self.run_limiter = trio.CapacityLimiter(settings.max_concurrent_runs)
-        self.io_limiter = trio.CapacityLimiter(settings.io_threads)
+        self.run_limiter, self.io_limiter, run_threads = _limiters(settings)
         self.tool_limiter = trio.CapacityLimiter(settings.tool_threads)
         self._line = SlotLine(self.run_limiter)
         #: Counters, histograms and live gauges for ``GET /metrics`` (a registry of its own).
@@ -108,7 +108,7 @@ class RunSupervisor:
             tool_limiter=self.tool_limiter,
             store=store,
             io_limiter=self.io_limiter,
-            run_threads=trio.CapacityLimiter(math.inf),
+            run_threads=run_threads,
             line=self._line,
             runs=ActiveRuns(),
             ends=EndLedger(self._write_end),
@@ -117,7 +117,9 @@ class RunSupervisor:
             feed=self.live.feed,
         )
         self._desk = AdmissionDesk(self._shared, settings.max_queued_runs)
-        self._board = RunBoard(self._shared, self._desk, self.run_limiter)
+        # What bounds the runs executing at once: the slots, or (naive) the shared threads.
+        bound = run_threads if settings.naive_mode else self.run_limiter
+        self._board = RunBoard(self._shared, self._desk, bound)
         self._stops = RunStops(self._shared, self._desk, self._board, self.live)
         self.metrics.collect_live(self)
         self._closing = trio.Event()
@@ -294,6 +296,7 @@ class RunSupervisor:
                 run_id=admission.run_id,
                 activate=admission.activate,
                 reason=admission.reason,
+                started=admission.seated,
             )
 
         (run, conversation), admission = await self.admit(
@@ -317,7 +320,8 @@ class RunSupervisor:
         conversation's caller must name it).
 
         ``write(admission)`` runs in a worker thread (I/O limiter) and must record the run
-        (``admission.run_id``, activated if ``admission.activate``) in one transaction,
+        (``admission.new_run``: activated if ``admission.activate``, started if
+        ``admission.seated``) in one transaction,
         with whatever else belongs to the request (a new conversation, a message);
         ``conversation_of(result)`` picks the conversation record out of its result.
 
@@ -326,13 +330,23 @@ class RunSupervisor:
             nothing was admitted, and ``write``'s transaction, if it ran, was rolled back.
         """
         if tenant is None:
-            conversation = self.store.cached_conversation(conversation_id)
-            if conversation is None:
-                conversation = await self.io(self.store.get_conversation, conversation_id)
-            tenant = conversation.tenant
+            tenant = await self._tenant_for_admission(conversation_id)
         return await self._desk.admit(
             conversation_id, write, conversation_of, if_busy=if_busy, reason=reason, tenant=tenant
         )
+
+    async def _tenant_for_admission(self, conversation_id: str) -> str | None:
+        """The conversation's tenant, if admission must know it before the write: when a
+        tenant quota is set, or the record is cached. Otherwise ``None`` — admission then
+        takes the tenant from the record its write returns, sparing the start a thread
+        hop (a run start costs fewer hops, and hops are most of its cost)."""
+        conversation = self.store.cached_conversation(conversation_id)
+        if conversation is not None:
+            return conversation.tenant
+        if not self.settings.tenant_max_active_runs:
+            return None
+        conversation = await self.io(self.store.get_conversation, conversation_id)
+        return conversation.tenant
 
     def run_tenant(self, run_id: str) -> str | None:
         """The tenant of an active run (``None`` once it ended); never blocks."""
@@ -434,13 +448,44 @@ class RunSupervisor:
     ) -> None:
         """Change limits at runtime. Raising run slots seats waiting runs at once; lowering
         them preempts nobody; 0 pauses admission. Lowering ``max_queued_runs`` refuses new
-        runs only."""
+        runs only.
+
+        Errors:
+            :class:`~app.errors.Conflict` (409) for ``max_concurrent_runs`` in
+            ``naive_mode``, which has no run slots (nothing is changed then).
+        """
         if max_concurrent_runs is not None:
+            if self.settings.naive_mode:
+                raise Conflict("naive_mode has no run slots to change (it shares Trio's threads)")
             self.run_limiter.total_tokens = max_concurrent_runs
             self._line.fill()
         if max_queued_runs is not None:
             self._desk.max_queued_runs = max_queued_runs
         self.live.limits_changed()
+
+
+def _limiters(
+    settings: Settings,
+) -> tuple[trio.CapacityLimiter, trio.CapacityLimiter, trio.CapacityLimiter]:
+    """The run slots, the I/O limiter, and the limiter run threads are started on.
+
+    Normally three of their own: run threads go on an unbounded limiter (the slots decide
+    how many run). ``naive_mode`` (benchmarks and teaching only) builds the design Trellis
+    replaces from the same parts: runs and short I/O both on Trio's default thread limiter,
+    and slots without a bound, so the slot line seats every run at once: no run is ever
+    queued, each waits, invisibly, for a thread, and short requests wait behind them.
+    :meth:`RunSupervisor.statistics` then shows the shared limiter's tokens as both
+    ``max_concurrent_runs`` and ``io_total``, and its borrowers (runs and I/O alike) as
+    ``run_threads_alive`` and ``io_borrowed``.
+    """
+    if settings.naive_mode:
+        shared = trio.to_thread.current_default_thread_limiter()
+        return trio.CapacityLimiter(math.inf), shared, shared
+    return (
+        trio.CapacityLimiter(settings.max_concurrent_runs),
+        trio.CapacityLimiter(settings.io_threads),
+        trio.CapacityLimiter(math.inf),
+    )
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import selectors
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,8 @@ SAMPLING_TIME_LIMIT_SECONDS = 60.0  # a hard stop for any sampling loop
 MIN_SAMPLES_WHILE_STARTING = 2000  # repeat start bursts until at least this many samples
 MAX_START_ROUNDS = 8  # bounds the repetitions (each round is one burst of run starts)
 CREATOR_READY_TIMEOUT_SECONDS = 10.0  # the creator process is a fresh interpreter: ~0.2 s
+# A short request may wait for a thread for as long as a run holds it (naive mode).
+OPEN_LOOP_TIMEOUT_SECONDS = 120.0
 
 START_RUNS_SCRIPT = Path(__file__).with_name("start_runs.py")
 
@@ -52,10 +55,12 @@ def prepare_target(client: RawClient) -> str:
     return conversation_id
 
 
-def sample_raw(port: int, path: str, samples: int = LATENCY_SAMPLES) -> dict[str, float]:
-    """Warm up, then time ``samples`` GETs with the raw client."""
+def sample_raw(
+    port: int, path: str, samples: int = LATENCY_SAMPLES, warmup: int = WARMUP_REQUESTS
+) -> dict[str, float]:
+    """Warm up (``warmup`` GETs), then time ``samples`` GETs with the raw client."""
     with RawClient(port) as client:
-        for _ in range(WARMUP_REQUESTS):
+        for _ in range(warmup):
             client.timed_get(path)
         deadline = time.perf_counter() + SAMPLING_TIME_LIMIT_SECONDS
         timings: list[int] = []
@@ -167,3 +172,58 @@ def _interrupt_all(port: int, conversation_ids: list[str]) -> None:
     shares = [conversation_ids[i::CREATE_CONNECTIONS] for i in range(CREATE_CONNECTIONS)]
     with ThreadPoolExecutor(CREATE_CONNECTIONS) as pool:
         list(pool.map(interrupt, shares))
+
+
+def events_path(conversation_id: str) -> str:
+    """A short request that always reads the store in a worker thread (I/O limiter): the
+    conversation record itself may be served from the store's cache without a thread."""
+    return f"{conversation_path(conversation_id)}/events?limit=10"
+
+
+def sample_open_loop(
+    port: int, path: str, rate_per_second: float, window_seconds: float, connections: int
+) -> list[int]:
+    """Send GETs on a fixed schedule (``rate_per_second`` for ``window_seconds`` from now),
+    each on a free connection of a pool; return each one's latency in ns, counted from the
+    time it was *scheduled* — so a request that found every connection busy counts its
+    wait too, and a stalled server cannot hide behind fewer samples (open loop).
+    Returns once every request has answered."""
+    opened: list[RawClient] = []
+    local = threading.local()  # one connection per worker thread of the pool
+    first = time.perf_counter_ns() + 1_000_000  # 1 ms: the pool is being submitted to
+    step_ns = int(1e9 / rate_per_second)
+    schedule = [first + i * step_ns for i in range(max(1, int(rate_per_second * window_seconds)))]
+
+    def one(scheduled_ns: int) -> int:
+        if not hasattr(local, "client"):
+            local.client = RawClient(port, timeout_seconds=OPEN_LOOP_TIMEOUT_SECONDS)
+            opened.append(local.client)
+        time.sleep(max(0.0, (scheduled_ns - time.perf_counter_ns()) / 1e9))
+        local.client.timed_get(path)
+        return time.perf_counter_ns() - scheduled_ns
+
+    try:
+        with ThreadPoolExecutor(connections) as pool:
+            return list(pool.map(one, schedule))
+    finally:
+        for client in opened:
+            client.close()
+
+
+def requests_per_second(port: int, path: str, connections: int, seconds: float) -> float:
+    """GETs answered per second by the server with ``connections`` keep-alive connections,
+    each sending its next request as soon as the previous one answered (closed loop)."""
+
+    def hammer(deadline: float) -> int:
+        count = 0
+        with RawClient(port, timeout_seconds=OPEN_LOOP_TIMEOUT_SECONDS) as client:
+            while time.perf_counter() < deadline:
+                client.timed_get(path)
+                count += 1
+        return count
+
+    with ThreadPoolExecutor(connections) as pool:
+        began = time.perf_counter()
+        counts = list(pool.map(hammer, [began + seconds] * connections))
+        elapsed = time.perf_counter() - began
+    return sum(counts) / elapsed

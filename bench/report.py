@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,14 +135,156 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(line.rstrip() for line in lines) + f"\n\n{PEER_LABEL}"
 
 
-def write_json(rows: list[Row], results: dict[str, Any], total_seconds: float) -> Path:
+def write_json(
+    rows: list[Row],
+    results: dict[str, Any],
+    total_seconds: float,
+    *,
+    comparison: Sequence[CompareRow] = (),
+    header: dict[str, str] | None = None,
+    path: Path = RESULTS_PATH,
+) -> Path:
+    """The targets table (``rows``), the naive-vs-Trellis table (``comparison``), the
+    machine/date/commit ``header`` and every raw number, as one JSON document at ``path``."""
     document = {
         "generated_at": datetime.now(UTC).isoformat(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "header": header or {},
         "total_seconds": total_seconds,
         "peer_note": PEER_LABEL,
         "rows": [asdict(row) for row in rows],
+        "comparison": [asdict(row) for row in comparison],
         "raw": results,
     }
-    RESULTS_PATH.write_text(json.dumps(document, indent=2) + "\n")
-    return RESULTS_PATH
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+# -- naive vs Trellis (bench/naive_vs_trellis.py) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    metric: str
+    trellis: str
+    naive: str
+    ratio: str  # naive / trellis, "-" when not a number
+
+
+#: How a scenario's raw numbers become a cell: ``(value for the ratio or None, text)``.
+Cell = Callable[[dict[str, Any]], tuple[float | None, str]]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
+def _field_ms(name: str) -> Cell:
+    return lambda r: (r[name], _ms(r[name]))
+
+
+def _admitted(r: dict[str, Any]) -> tuple[float | None, str]:
+    stalled = " (stalled)" if r["admitted_median"] < r["k"] else ""
+    return None, f"{r['admitted_median']:.0f} in {r['admit_seconds_median']:.2f} s{stalled}"
+
+
+def _queue_tenths(r: dict[str, Any]) -> tuple[float | None, str]:
+    first, last = r["first_tenth_median_ms"], r["last_tenth_median_ms"]
+    return last, f"{_ms(first)} / {_ms(last)}"
+
+
+def _correlation(r: dict[str, Any]) -> tuple[float | None, str]:
+    value = r["wait_vs_admission_r"]
+    return None, "-" if value is None else f"{value:.2f}"
+
+
+def _sigterm(r: dict[str, Any]) -> tuple[float | None, str]:
+    admitted = statistics.median(r["admitted"])
+    codes = ",".join(str(code) for code in sorted(set(r["exit_codes"])))
+    return r["median_seconds"], (
+        f"{r['median_seconds']:.2f} s, exit {codes}, {admitted:.0f}/{r['runs']} admitted"
+    )
+
+
+def compare_row(raw: dict[str, Any], metric: str, key: str, cell: Cell) -> CompareRow:
+    """One metric in both modes; a failed or missing scenario is an ``ERROR`` cell."""
+    values: list[float | None] = []
+    texts: list[str] = []
+    for mode in ("trellis", "naive"):
+        scenario = raw.get(mode, {}).get(key)
+        if scenario is None or "error" in scenario:
+            error = "missing" if scenario is None else scenario["error"]
+            values.append(None)
+            texts.append(f"ERROR: {error}"[:60])
+            continue
+        value, text = cell(scenario)
+        values.append(value)
+        texts.append(text)
+    trellis, naive = values
+    ratio = "-"
+    if trellis is not None and naive is not None and trellis > 0:
+        quotient = naive / trellis
+        ratio = f"{quotient:.0f}x" if quotient >= 10 else f"{quotient:.2f}x"
+    return CompareRow(metric, texts[0], texts[1], ratio)
+
+
+def comparison_rows(raw: dict[str, Any]) -> list[CompareRow]:
+    """The naive-vs-Trellis table: one row per measurement, both modes, their ratio."""
+    p99, p50 = _field_ms("p99_ms"), _field_ms("p50_ms")
+    rows = [
+        ("short request p50, idle", "idle", p50),
+        ("short request p99, idle", "idle", p99),
+    ]
+    for k in raw["profile"]["loads"]:
+        rows += [
+            (f"short request p99, {k} runs holding threads", f"loaded_{k}", p99),
+            (f"  its p50, {k} runs", f"loaded_{k}", p50),
+            (f"  runs admitted before sampling, of {k}", f"loaded_{k}", _admitted),
+        ]  # fmt: skip
+    connections = raw["profile"]["throughput_connections"]
+    rows += [
+        (f"requests/s at {connections} connections, idle", "throughput",
+         lambda r: (r["median_per_second"], f"{r['median_per_second']:,.0f}/s")),
+        ("queue: runs shown a position", "queue",
+         lambda r: (None, f"{r['positions_shown']}/{r['runs']}")),
+        ("queue wait, median", "queue", _field_ms("wait_median_ms")),
+        ("queue wait, first / last tenth admitted", "queue", _queue_tenths),
+        ("queue wait vs admission order (r)", "queue", _correlation),
+    ]  # fmt: skip
+    for key, what in (("step", "step"), ("llm", "LLM request"), ("tool", "tool command")):
+        rows += [
+            (f"interrupt mid {what}, median", f"interrupt_{key}", _field_ms("median_ms")),
+            (f"interrupt mid {what}, max", f"interrupt_{key}", _field_ms("max_ms")),
+        ]
+    for n in raw["profile"]["sigterm_runs"]:
+        rows.append((f"SIGTERM -> exit, {n} runs in flight", f"sigterm_{n}", _sigterm))
+    return [compare_row(raw, metric, key, cell) for metric, key, cell in rows]
+
+
+def comparison_notes(raw: dict[str, Any]) -> list[str]:
+    """What the rows measure, from the profile they were measured with."""
+    profile = raw["profile"]
+    return [
+        "short request: GET /api/conversations/{id}/events?limit=10 (a store read in a worker"
+        " thread)",
+        f"runs holding threads: each sleeps up to {profile['run_seconds']} s in its thread;"
+        f" GETs at {profile['rate_per_second']:.0f}/s for {profile['window_seconds']} s, open"
+        f" loop; {profile['repetitions']} repetition(s)",
+        f"queue: {profile['queue_runs']} runs of {profile['queue_run_seconds']} s created at"
+        " once; Trellis with 40 slots (the naive mode's 40 threads); wait = send -> first step ran",
+        "naive mode: a create waits for a thread too; 'admitted' counts the runs it took in",
+    ]
+
+
+def format_comparison(
+    header: dict[str, str], rows: list[CompareRow], notes: Sequence[str] = ()
+) -> str:
+    """The machine/date/commit lines, the table (ratio = naive / Trellis), the notes."""
+    names = CompareRow("metric", "trellis", "naive", "naive / trellis")
+    cells = [list(asdict(row).values()) for row in [names, *rows]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    lines = [f"{key}: {value}" for key, value in header.items()]
+    table = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    table.insert(1, "-+-".join("-" * w for w in widths))
+    footer = ["", *(f"* {note}" for note in notes)] if notes else []
+    return "\n".join([*lines, "", *(line.rstrip() for line in table), *footer])

@@ -42,21 +42,38 @@ What is measured, and how:
 10. Fan-out (``fanout.py``, its own server): commit -> receipt latency with 1 and 100 SSE
     subscribers on one conversation, and events/s of a single stream (replay and live).
 
-Prints one table (stdout) and writes it, with all raw numbers, to ``bench/results.json``.
-Progress goes to stderr. The peer column quotes the issue's figures for another server.
+11. Naive vs Trellis (``naive_vs_trellis.py`` says how): the same measurements on servers
+    in each mode — short-request latency idle and with K runs holding threads, requests/s at
+    32 connections, queue wait vs position, interrupt latency mid step / LLM request / tool
+    command, SIGTERM with 10 and 100 runs in flight — one table with both columns and their
+    ratio, and a plot of short-request p99 vs K (``plot.py``, docs/bench-naive-vs-trellis.png).
+
+Prints the targets table, then the naive-vs-Trellis table with the machine, date and commit
+(stdout), and writes both, with all raw numbers, to ``bench/results.json``. Progress goes to
+stderr. The peer column quotes the issue's figures for another server.
+
+Usage: ``.venv/bin/python bench/run.py [--quick] [--json PATH] [--no-plot]``. ``--quick``
+(``make bench-quick``, tests/test_bench_quick.py) runs only item 11, at tiny sizes, in well
+under 30 s, writes no plot, and writes JSON only with ``--json``. The exit status is 1 when
+a naive-vs-Trellis scenario failed (an ``ERROR`` cell); verdicts never change it.
 """
 
 from __future__ import annotations
 
+import argparse
+import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import fanout
 import floor_server
 import latency
+import naive_vs_trellis
 import report
 import runs
+import scale
 from raw_client import RawClient
 from server_process import TrellisServer
 from workload import log, wait_for_statistics
@@ -132,9 +149,8 @@ def measure_queue_and_interrupt(results: dict[str, Any]) -> None:
         results["llm_interrupt"] = runs.llm_interrupt_latency(client, provider)
 
 
-def main() -> int:
-    began = time.perf_counter()
-    results: dict[str, Any] = {}
+def measure_targets(results: dict[str, Any]) -> list[report.Row]:
+    """Items 1 to 10: the issue's targets for Trellis alone."""
     log("measuring floor: raw client against a static responder")
     results["floor"] = floor_server.measure(latency.LATENCY_SAMPLES)
     log("cold starts + SIGTERM with 100 runs in flight")
@@ -144,12 +160,49 @@ def main() -> int:
     measure_queue_and_interrupt(results)
     log("fan-out: stream subscribers")
     results["fanout"] = fanout.measure()
+    return report.build_rows(results) + fanout.rows(results["fanout"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server still running is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    began, header = time.perf_counter(), scale.machine_header()
+    results: dict[str, Any] = {}
+    rows = [] if args.quick else measure_targets(results)
+    log("naive vs Trellis: the same measurements in both modes")
+    profile = naive_vs_trellis.QUICK if args.quick else naive_vs_trellis.FULL
+    comparison = results["naive_vs_trellis"] = naive_vs_trellis.compare(profile)
+    compared = report.comparison_rows(comparison)
     total_seconds = time.perf_counter() - began
-    rows = report.build_rows(results) + fanout.rows(results["fanout"])
-    print(report.format_table(rows))
-    path = report.write_json(rows, results, total_seconds)
-    print(f"\n{total_seconds:.0f} s in total; results written to {path}")
-    return 0
+    if rows:
+        print(report.format_table(rows) + "\n")
+    print(report.format_comparison(header, compared, report.comparison_notes(comparison)))
+    print(f"\n{total_seconds:.0f} s in total")
+    path = args.json or (None if args.quick else report.RESULTS_PATH)
+    if path is not None:
+        report.write_json(
+            rows, results, total_seconds, comparison=compared, header=header, path=path
+        )
+        print(f"results written to {path}")
+    if not args.quick and not args.no_plot:
+        import plot  # matplotlib: the bench extra
+
+        print(f"plot written to {plot.write_plot(comparison, header)}")
+    failed = [row.metric for row in compared if "ERROR" in row.trellis + row.naive]
+    if failed:
+        log(f"scenarios that failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="naive vs Trellis only, tiny sizes, no plot"
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

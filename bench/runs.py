@@ -14,6 +14,7 @@ from server_process import TrellisServer
 from workload import (
     LONG_RUN,
     QUICK_RUN,
+    TOOL_RUN,
     WAIT_TIMEOUT_SECONDS,
     create_conversations,
     log,
@@ -147,17 +148,37 @@ def queue_order(server: TrellisServer, client: RawClient) -> dict[str, Any]:
     }
 
 
-def interrupt_latency(client: RawClient) -> dict[str, Any]:
-    """Round trip of ``POST /interrupt`` on a run sleeping mid-step (a script ``sleep``)."""
+def interrupt_latency(client: RawClient, **options: Any) -> dict[str, Any]:
+    """Round trip of ``POST /interrupt`` on a run sleeping mid-step (a script ``sleep``).
+    ``options``: as :func:`_interrupts`."""
 
     def in_step(run_path: str) -> None:
         _wait_until_running(client, run_path)
         time.sleep(SETTLE_INTO_SLEEP_SECONDS)
 
-    return _interrupts(client, LONG_RUN, in_step)
+    return _interrupts(client, LONG_RUN, in_step, **options)
 
 
-def llm_interrupt_latency(client: RawClient, provider: FakeChatServer) -> dict[str, Any]:
+def tool_interrupt_latency(client: RawClient, **options: Any) -> dict[str, Any]:
+    """The same while the run's terminal command (``sleep 60``) runs: its ``action`` event
+    is stored just before the command starts."""
+
+    def in_step(run_path: str) -> None:
+        _wait_until_running(client, run_path)
+        events = run_path.split("/runs/")[0] + "/events/count?kind=action"
+        deadline = time.perf_counter() + WAIT_TIMEOUT_SECONDS
+        while client.call("GET", events)["count"] < 1:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{run_path} never started its command")
+            time.sleep(RUN_POLL_SECONDS)
+        time.sleep(SETTLE_INTO_SLEEP_SECONDS)  # the command's process is being spawned
+
+    return _interrupts(client, TOOL_RUN, in_step, **options)
+
+
+def llm_interrupt_latency(
+    client: RawClient, provider: FakeChatServer, **options: Any
+) -> dict[str, Any]:
     """The same while an ``llm`` run waits for a provider that answers after 60 s: the
     provider is a real local HTTP server (app.testing_llm), configured as the server's
     default provider; the request is in flight."""
@@ -173,18 +194,24 @@ def llm_interrupt_latency(client: RawClient, provider: FakeChatServer) -> dict[s
                 raise RuntimeError("the llm run never called the provider")
             time.sleep(0.001)
 
-    return _interrupts(client, agent, in_step)
+    return _interrupts(client, agent, in_step, **options)
 
 
 def _interrupts(
-    client: RawClient, agent: dict[str, Any], in_step: Callable[[str], None]
+    client: RawClient,
+    agent: dict[str, Any],
+    in_step: Callable[[str], None],
+    samples: int = INTERRUPT_SAMPLES,
+    one_slot: bool = True,
 ) -> dict[str, Any]:
-    """``INTERRUPT_SAMPLES`` times, one run at a time (1 slot): start a run, wait with
-    ``in_step`` until it is mid-step, time ``POST /interrupt``; also the server's
-    ``finished_at`` minus the client's send time (same machine, same wall clock)."""
-    client.call("PATCH", "/api/server/limits", {"max_concurrent_runs": 1})
+    """``samples`` times, one run at a time (1 slot; ``one_slot=False`` leaves the limits
+    alone: naive mode has no slots to set): start a run, wait with ``in_step`` until it is
+    mid-step, time ``POST /interrupt``; also the server's ``finished_at`` minus the
+    client's send time (same machine, same wall clock)."""
+    if one_slot:
+        client.call("PATCH", "/api/server/limits", {"max_concurrent_runs": 1})
     round_trips_ms, to_finished_ms = [], []
-    for _ in range(INTERRUPT_SAMPLES):
+    for _ in range(samples):
         conversation = client.call("POST", "/api/conversations", {"agent": agent, "run": True}, 201)
         path = conversation_path(conversation["id"])
         in_step(f"{path}/runs/{conversation['run']['id']}")

@@ -19,6 +19,17 @@ LONG_RUN = {
     "steps": [{"say": "hi"}, {"sleep": LONG_SLEEP_SECONDS}, {"finish": "done"}],
 }
 QUICK_RUN = {"kind": "script", "steps": [{"say": "x"}, {"finish": "y"}]}
+# A run whose one step is a terminal command that outlives any scenario (interrupt kills it).
+TOOL_RUN = {
+    "kind": "script",
+    "steps": [{"tool": "terminal", "args": {"command": f"sleep {LONG_SLEEP_SECONDS}"}}],
+}
+
+
+def sleep_run(seconds: float) -> dict[str, Any]:
+    """A run that holds its thread for ``seconds`` (one interruptible sleep step)."""
+    return {"kind": "script", "steps": [{"sleep": seconds}, {"finish": "done"}]}
+
 
 CREATE_CONNECTIONS = 4  # parallel client connections for bulk creation: enough to keep the
 # server busy on a 2-core machine without the clients themselves eating both cores

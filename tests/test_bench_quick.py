@@ -1,4 +1,5 @@
-"""``make bench-quick`` as a test: the quick scale benchmark (bench/scale.py) runs end to end.
+"""``make bench-quick`` as a test: the quick scale benchmark (bench/scale.py) and the quick
+naive-vs-Trellis comparison (bench/run.py --quick) run end to end.
 
 It starts real servers, so it is slow. It checks that the benchmark works (exit 0, the table
 with every row) and what is correctness rather than speed: after each SIGTERM every run is
@@ -20,6 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "scale.py"
+RUN_SCRIPT = REPO / "bench" / "run.py"
 # The quick benchmark takes ~40 s on 2 cores; this bound only catches a hang.
 HANG_SECONDS = 240
 STOP_SECONDS = 30  # a server's SIGTERM -> exit takes well under 1 s here
@@ -77,6 +79,62 @@ def test_quick_scale_benchmark_prints_every_row_and_loses_nothing(tmp_path: Path
         assert sigterm["paused_shutdown"] == sigterm["runs"], (key, sigterm)
         assert sigterm["lost"] in (0, None), (key, sigterm)
     assert stopped["in_flight_100"]["lost"] == 0  # the say events were checked, not skipped
+
+
+# Every row of bench/run.py's naive-vs-Trellis table (K and N: naive_vs_trellis.QUICK's).
+NAIVE_ROWS = (
+    "short request p50, idle",
+    "short request p99, idle",
+    *(
+        row.format(k=k)
+        for k in (16, 64)
+        for row in (
+            "short request p99, {k} runs holding threads",
+            "its p50, {k} runs",
+            "runs admitted before sampling, of {k}",
+        )
+    ),
+    "requests/s at 32 connections, idle",
+    "queue: runs shown a position",
+    "queue wait, median",
+    "queue wait, first / last tenth admitted",
+    "queue wait vs admission order (r)",
+    *(f"interrupt mid {what}, {stat}" for what in ("step", "LLM request", "tool command")
+      for stat in ("median", "max")),
+    "SIGTERM -> exit, 10 runs in flight",
+    "SIGTERM -> exit, 100 runs in flight",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(HANG_SECONDS + 30)
+def test_quick_naive_vs_trellis_benchmark_measures_both_modes(tmp_path: Path) -> None:
+    """bench/run.py --quick prints every row of the naive-vs-Trellis table, both modes
+    measured (no ERROR cell) on servers that say which mode they are in; the naive one has
+    no line: no run was shown a queue position. Every SIGTERM exits 0."""
+    results = tmp_path / "run.json"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    command = [sys.executable, str(RUN_SCRIPT), "--quick", "--json", str(results)]
+    finished = _run(command, environment)
+    assert finished.returncode == 0, finished.stdout + finished.stderr[-4000:]
+    for head in TABLE_HEAD[:4]:
+        assert head in finished.stdout
+    document = json.loads(results.read_text())
+    rows = {row["metric"].strip(): row for row in document["comparison"]}
+    assert sorted(rows) == sorted(NAIVE_ROWS)
+    for row in rows.values():
+        assert row["trellis"] and row["naive"], row
+        assert "ERROR" not in row["trellis"] + row["naive"], row
+    raw = document["raw"]["naive_vs_trellis"]
+    assert raw["naive"]["server"]["naive_mode"] is True
+    assert raw["trellis"]["server"]["naive_mode"] is False
+    for mode in ("trellis", "naive"):
+        assert raw[mode]["idle"]["samples"] > 0, mode
+        assert raw[mode]["loaded_64"]["samples"] > 0, mode
+    assert raw["naive"]["queue"]["positions_shown"] == 0  # no line to be shown a place in
+    for mode in ("trellis", "naive"):
+        for n in (10, 100):
+            assert raw[mode][f"sigterm_{n}"]["exit_codes"] == [0], (mode, n)
 
 
 def _run(command: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[str]:

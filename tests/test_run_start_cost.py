@@ -13,14 +13,17 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from app.events import Event, MessagePayload, Source
+from app.lifecycle import Status, Trigger
 from app.live.feed import LocalFeed
+from app.records import ConversationRecord, RunRecord
 from app.settings import Settings
-from app.store import NewConversation, SqliteStore
+from app.store import EventQuery, NewConversation, SqliteStore
 from app.supervisor import open_run_supervisor
 from app.testing import Gates, gated_registry
 from tests.conftest import assert_all_returned, gated, new_conversation
@@ -144,4 +147,90 @@ async def test_a_run_does_not_keep_the_admitting_requests_context_alive(tmp_path
                 gates.release_all()
     finally:
         gates.release_all()
+        store.close()
+
+
+class StartCountingStore(SqliteStore):
+    """Counts the run starts written by run threads (``transition_run(START)``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.thread_starts: list[str] = []
+
+    def transition_run(self, run_id: str, trigger: Trigger, **kwargs: Any) -> RunRecord:
+        if trigger is Trigger.START:
+            self.thread_starts.append(run_id)
+        return super().transition_run(run_id, trigger, **kwargs)
+
+
+async def test_a_run_given_a_slot_at_once_is_recorded_running_by_its_admission(
+    settings: Settings, gates: Gates
+) -> None:
+    """Admission records a run that got a slot ``running`` in its own transaction (both
+    status events, queued then running), so its thread writes no start; a run that waited
+    in the line is started by its thread, as before."""
+    store = StartCountingStore(settings.database_path)
+    try:
+        async with open_run_supervisor(settings, store, registry=gated_registry(gates)) as sup:
+            with trio.fail_after(10):
+                ids = []
+                for name in ("g0", "g1", "g2"):  # two slots: g2 waits in the line
+                    conversation = await new_conversation(sup, gated(name))
+                    run = await sup.start_run(conversation.id)
+                    ids.append((conversation.id, run.id))
+                assert [run.status for run in [await sup.get_run(*i) for i in ids[:2]]] == [
+                    Status.RUNNING,
+                    Status.RUNNING,
+                ]
+                await gates["g0"].wait_entered()
+                await gates["g1"].wait_entered()
+                assert store.thread_starts == []
+                statuses = await sup.io(store.search_events, ids[0][0], EventQuery(kind="status"))
+                assert [(e.payload.status, e.seq) for e in statuses.items] == [  # type: ignore[union-attr]
+                    (Status.QUEUED, 1),
+                    (Status.RUNNING, 2),
+                ]
+                gates["g0"].release()
+                await gates["g2"].wait_entered()
+                assert store.thread_starts == [ids[2][1]]
+            gates.release_all()
+        assert_all_returned(sup)
+    finally:
+        store.close()
+
+
+class LookupCountingStore(SqliteStore):
+    """Counts the conversation lookups that go to the database (not the cache)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lookups = 0
+
+    def get_conversation(self, conversation_id: str) -> ConversationRecord:
+        if self.cached_conversation(conversation_id) is None:
+            self.lookups += 1
+        return super().get_conversation(conversation_id)
+
+
+@pytest.mark.parametrize(("quota", "lookups"), [(0, 0), (5, 1)])
+async def test_starting_a_run_of_an_uncached_conversation_reads_it_only_for_a_quota(
+    settings: Settings, gates: Gates, quota: int, lookups: int
+) -> None:
+    """Without a tenant quota, admission learns the run's tenant from its own write: the
+    start of a conversation that is not cached costs no extra read (and thread hop)."""
+    settings = settings.model_copy(update={"tenant_max_active_runs": quota})
+    store = LookupCountingStore(settings.database_path)
+    try:
+        async with open_run_supervisor(settings, store, registry=gated_registry(gates)) as sup:
+            with trio.fail_after(10):
+                new = NewConversation(agent=gated("g"), title=None, max_iterations=5, tenant="acme")
+                conversation, _ = await sup.io(store.create_conversation, new)
+                assert store.cached_conversation(conversation.id) is None
+                run = await sup.start_run(conversation.id)
+                assert store.lookups == lookups
+                assert sup.run_tenant(run.id) == "acme"
+                await gates["g"].wait_entered()
+            gates.release_all()
+        assert_all_returned(sup)
+    finally:
         store.close()

@@ -26,7 +26,7 @@ from app.errors import PayloadTooLarge
 from app.events import MessagePayload
 from app.live.webhooks import check_webhook
 from app.records import ConversationRecord, ConversationSummary
-from app.store.base import MessageWritten, NewConversation, NewRun
+from app.store.base import MessageWritten, NewConversation
 from app.store.idempotency import Answer, IdempotentWrite, Replayed
 from app.supervisor import RunSupervisor
 
@@ -97,7 +97,7 @@ async def create_conversation() -> Response:
     def write(admission: Admission | None) -> tuple[ConversationRecord, Answer]:
         fields = new
         if admission is not None:
-            fields = dataclasses.replace(new, run=NewRun(admission.run_id, admission.reason))
+            fields = dataclasses.replace(new, run=admission.new_run)
 
         @idempotency.RenderOnce
         def render(record: ConversationRecord) -> Answer:
@@ -195,7 +195,7 @@ async def post_message(conversation_id: str) -> Response:
 
         new_run = None
         if admission is not None:
-            new_run = NewRun(admission.run_id, admission.reason, admission.activate)
+            new_run = admission.new_run
         keyed = IdempotentWrite(key[0], key[1], render) if key else None
         written = sup.store.append_message(conversation_id, payload, run=new_run, idempotent=keyed)
         return written, render(written)

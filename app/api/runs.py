@@ -49,6 +49,7 @@ async def start_run(conversation_id: str) -> Response:
             activate=admission.activate,
             reason=admission.reason,
             idempotent=keyed,
+            started=admission.seated,
         )
         return run, conversation, render(run)
 

@@ -20,6 +20,9 @@ from importlib import resources
 import trio
 
 from app.auth import load_api_keys
+from app.cli.client_parser import CLIENT_COMMANDS
+from app.cli.commands import run_client_command
+from app.cli.demo import demo_command
 from app.cli.parser import build_parser, overrides_from
 from app.cli.serving import serve
 from app.logs import configure_logging
@@ -35,6 +38,10 @@ log = logging.getLogger("trellis.settings")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     arguments = build_parser().parse_args(argv)
+    if arguments.command in CLIENT_COMMANDS:  # a client of a running server
+        return run_client_command(arguments)
+    if arguments.command == "demo":  # embedded servers, or a running one (--server)
+        return demo_command(arguments)
     if arguments.command == "default-config":
         print(default_config_text(), end="")
         return 0

@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from app._version import __version__
+from app.cli.client_parser import add_client_commands
+from app.cli.demo import add_demo_command
 from app.settings import Settings
 from app.settings_sources import KeyPath, flag_name, leaf_fields
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print every setting with its default and meaning (a TOML file to start from)",
         description="Print the documented default settings: a TOML file to copy and edit.",
     )
+    add_client_commands(commands)  # new, send, run, watch, ls, … (app/cli/client_parser.py)
+    add_demo_command(commands)  # trellis demo (app/cli/demo.py)
     return parser
 
 

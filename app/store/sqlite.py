@@ -25,10 +25,9 @@ from app.events import (
     MessagePayload,
     Payload,
     Source,
-    StatusPayload,
     utc_now,
 )
-from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
+from app.lifecycle import ACTIVE, Status, Trigger
 from app.principal import DEFAULT_TENANT
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
@@ -45,12 +44,9 @@ from app.store.cache import RecordCache
 from app.store.connections import Connections
 from app.store.faults import StoreHealth
 from app.store.idempotency import Answer, IdempotentWrite, check_key, purge_keys, save_key
+from app.store.run_rows import IDS_PER_QUERY, RunRows
 
 R = TypeVar("R")
-
-#: Ids per ``IN (...)`` query: SQLite allows 32,766 parameters; smaller chunks keep each
-#: statement cheap to prepare.
-_IDS_PER_QUERY = 500
 
 #: The most cached conversations a commit re-reads; beyond, it drops them from the cache.
 _REFRESH_AT_MOST = 64
@@ -76,6 +72,7 @@ class SqliteStore:
         self._touched: set[str] = set()  # conversations the current write transaction changed
         self._appended: list[Event] = []  # events the current write transaction appended
         self._listeners: list[Callable[[list[Event]], None]] = []
+        self._runs = RunRows(self._touched, self._append)
         self._db = Connections(
             self.path,
             after_commit=self._refresh_cached,
@@ -211,7 +208,7 @@ class SqliteStore:
                 message = MessagePayload(text=new.initial_message)
                 self._append(conn, conversation_id, None, Source.USER, message)
             if new.run is not None:
-                self._insert_run(conn, self._conversation(conn, conversation_id), new.run)
+                self._runs.insert(conn, self._conversation(conn, conversation_id), new.run)
             record = self._conversation(conn, conversation_id)
             if key is not None:
                 stored = answer(record) if answer is not None else None
@@ -308,8 +305,10 @@ class SqliteStore:
         activate: bool,
         reason: str,
         idempotent: IdempotentWrite[RunRecord] | None = None,
+        started: bool = False,
     ) -> tuple[RunRecord, ConversationRecord]:
-        """Record a new ``queued`` run; with ``activate`` it becomes the conversation's run.
+        """Record a new ``queued`` run; with ``activate`` it becomes the conversation's run,
+        and with ``started`` (see :class:`~app.store.base.NewRun`) also ``running``.
 
         Returns the run and the conversation as they are after the change. A run created
         behind an earlier active run of the same conversation is activated later
@@ -322,22 +321,11 @@ class SqliteStore:
             if idempotent is not None:
                 check_key(conn, idempotent.key, idempotent.request_hash)
             conversation = self._conversation(conn, conversation_id)
-            run = self._insert_run(conn, conversation, NewRun(run_id, reason, activate))
+            new = NewRun(run_id, reason, activate, started)
+            run = self._runs.insert(conn, conversation, new)
             if idempotent is not None:
                 self._save_answer(conn, idempotent, conversation_id, run)
             return run, self._conversation(conn, conversation_id)
-
-    def _insert_run(
-        self, conn: sqlite3.Connection, conversation: ConversationRecord, new: NewRun
-    ) -> RunRecord:
-        conn.execute(
-            "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (new.run_id, conversation.id, Status.QUEUED.value, new.reason, utc_now().isoformat()),
-        )
-        if new.activate:
-            self._activate(conn, conversation, new.run_id, new.reason)
-        return self._run(conn, new.run_id)
 
     def _save_answer(
         self,
@@ -354,8 +342,8 @@ class SqliteStore:
         """The runs with these ids that exist, in the order given."""
         by_id: dict[str, RunRecord] = {}
         with self._read() as conn:
-            for start in range(0, len(run_ids), _IDS_PER_QUERY):
-                chunk = run_ids[start : start + _IDS_PER_QUERY]
+            for start in range(0, len(run_ids), IDS_PER_QUERY):
+                chunk = run_ids[start : start + IDS_PER_QUERY]
                 marks = ", ".join("?" * len(chunk))
                 rows = conn.execute(f"SELECT * FROM runs WHERE id IN ({marks})", chunk)
                 by_id.update((row["id"], queries.run_from_row(row)) for row in rows)
@@ -364,17 +352,9 @@ class SqliteStore:
     def activate_run(self, run_id: str, *, reason: str) -> RunRecord:
         """Make a queued run its conversation's current run (conversation → ``queued``)."""
         with self._write() as conn:
-            run = self._run(conn, run_id)
-            self._activate(conn, self._conversation(conn, run.conversation_id), run_id, reason)
+            run = self._runs.run(conn, run_id)
+            self._runs.activate(conn, self._conversation(conn, run.conversation_id), run_id, reason)
             return run
-
-    def _activate(
-        self, conn: sqlite3.Connection, conversation: ConversationRecord, run_id: str, reason: str
-    ) -> Event:
-        status = transition(conversation.status, Trigger.ENQUEUE)
-        return self._set_conversation_status(
-            conn, conversation.id, conversation.status, run_id, status, reason, activate=True
-        )
 
     def transition_run(
         self, run_id: str, trigger: Trigger, *, reason: str, error: str | None = None
@@ -385,37 +365,7 @@ class SqliteStore:
             :class:`~app.errors.IllegalTransition` — nothing is changed.
         """
         with self._write() as conn:
-            run = self._run(conn, run_id)
-            status = run_transition(run.status, trigger)
-            now = utc_now().isoformat()
-            row = conn.execute(
-                "UPDATE runs SET status = ?, reason = ?, error = COALESCE(?, error),"
-                " started_at = CASE WHEN ? THEN ? ELSE started_at END,"
-                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?"
-                " RETURNING *",
-                (
-                    status.value,
-                    reason,
-                    error,
-                    trigger is Trigger.START,
-                    now,
-                    status in TERMINAL,
-                    now,
-                    run_id,
-                ),
-            ).fetchone()
-            self._touched.add(run.conversation_id)  # its record embeds the current run
-            current = conn.execute(
-                "SELECT status FROM conversations WHERE id = ? AND current_run_id = ?",
-                (run.conversation_id, run_id),
-            ).fetchone()
-            if current is not None:
-                previous = Status(current["status"])
-                new_status = transition(previous, trigger)
-                self._set_conversation_status(
-                    conn, run.conversation_id, previous, run_id, new_status, reason
-                )
-            return queries.run_from_row(row)
+            return self._runs.transition(conn, run_id, trigger, reason, error)
 
     def stop_runs(self, run_ids: list[str], *, reason: str) -> list[RunRecord]:
         """Apply ``Trigger.STOP`` to every listed run that is still active, and to its
@@ -425,97 +375,19 @@ class SqliteStore:
         Runs already ended, or gone, are skipped (not an error). Returns the records it
         changed, in the order given.
         """
-        stopped: list[RunRecord] = []
         with self._write() as conn:
-            now = utc_now().isoformat()
-            for start in range(0, len(run_ids), _IDS_PER_QUERY):
-                chunk = run_ids[start : start + _IDS_PER_QUERY]
-                stopped += self._stop_active(conn, chunk, reason, now)
-            self._pause_conversations(conn, stopped, reason)
+            stopped = self._runs.stop(conn, run_ids, reason)
         order = {run_id: index for index, run_id in enumerate(run_ids)}
         return sorted(stopped, key=lambda run: order[run.id])
-
-    def _stop_active(
-        self, conn: sqlite3.Connection, run_ids: list[str], reason: str, now: str
-    ) -> list[RunRecord]:
-        """Stop the active runs among at most ``_IDS_PER_QUERY`` ids (runs table only)."""
-        marks = ", ".join("?" * len(run_ids))
-        active = [
-            row["id"]
-            for row in conn.execute(f"SELECT id, status FROM runs WHERE id IN ({marks})", run_ids)
-            if Status(row["status"]) in ACTIVE
-        ]
-        if not active:
-            return []
-        paused = run_transition(Status.RUNNING, Trigger.STOP)  # the same from every ACTIVE
-        rows = conn.execute(
-            "UPDATE runs SET status = ?, reason = ?, finished_at = ?"
-            f" WHERE id IN ({', '.join('?' * len(active))}) RETURNING *",
-            (paused.value, reason, now, *active),
-        ).fetchall()
-        return [queries.run_from_row(row) for row in rows]
-
-    def _pause_conversations(
-        self, conn: sqlite3.Connection, stopped: list[RunRecord], reason: str
-    ) -> None:
-        """``Trigger.STOP`` for the conversations whose current run was stopped, each with
-        its status event — in conversation id order: neighbouring index pages make 10,000
-        appends ~1.6x faster than in run order."""
-        stopped_ids = {run.id for run in stopped}
-        conversation_ids = sorted({run.conversation_id for run in stopped})
-        self._touched.update(conversation_ids)  # their records embed the current run
-        for start in range(0, len(conversation_ids), _IDS_PER_QUERY):
-            chunk = conversation_ids[start : start + _IDS_PER_QUERY]
-            rows = conn.execute(
-                "SELECT id, status, current_run_id FROM conversations"
-                f" WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id",
-                chunk,
-            ).fetchall()
-            for row in rows:
-                if row["current_run_id"] not in stopped_ids:
-                    continue
-                previous = Status(row["status"])
-                new_status = transition(previous, Trigger.STOP)
-                self._set_conversation_status(
-                    conn, row["id"], previous, row["current_run_id"], new_status, reason
-                )
-
-    def _set_conversation_status(
-        self,
-        conn: sqlite3.Connection,
-        conversation_id: str,
-        previous: Status,
-        run_id: str,
-        status: Status,
-        reason: str,
-        *,
-        activate: bool = False,
-    ) -> Event:
-        """Change the conversation's status (and, with ``activate``, its current run) and
-        append the ``status`` event — one UPDATE and one INSERT."""
-        payload = StatusPayload(status=status, previous=previous, reason=reason)
-        current_run_id = run_id if activate else None
-        return self._append(conn, conversation_id, run_id, Source.SYSTEM, payload, current_run_id)
 
     def save_progress(self, run_id: str, *, steps: int, agent_state: dict[str, Any]) -> None:
         """Record a completed step: the run's step count and the agent's state, together
         (group-committed; the state's JSON is made in the caller's thread)."""
-        self._submit(partial(self._save_progress, run_id, steps, json.dumps(agent_state)))
-
-    def _save_progress(self, run_id: str, steps: int, state: str, conn: sqlite3.Connection) -> None:
-        row = conn.execute(
-            "UPDATE runs SET steps = ? WHERE id = ? RETURNING conversation_id", (steps, run_id)
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"no run with id {run_id}", detail={"run_id": run_id})
-        self._touched.add(row["conversation_id"])  # the current run's step count
-        conn.execute(
-            "UPDATE conversations SET agent_state = ? WHERE id = ?", (state, row["conversation_id"])
-        )
+        self._submit(partial(self._runs.save_progress, run_id, steps, json.dumps(agent_state)))
 
     def get_run(self, conversation_id: str, run_id: str) -> RunRecord:
         with self._read() as conn:
-            run = self._run(conn, run_id)
+            run = self._runs.run(conn, run_id)
         if run.conversation_id != conversation_id:
             raise NotFound(f"no run {run_id} in conversation {conversation_id}")
         return run
@@ -559,12 +431,6 @@ class SqliteStore:
                 "SELECT * FROM runs WHERE status IN ('queued', 'running', 'pausing')"
             ).fetchall()
         return [queries.run_from_row(row) for row in rows]
-
-    def _run(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
-        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no run with id {run_id}", detail={"run_id": run_id})
-        return queries.run_from_row(row)
 
     # -- events ------------------------------------------------------------------------
 
@@ -615,7 +481,7 @@ class SqliteStore:
                 check_key(conn, idempotent.key, idempotent.request_hash)
             event = self._append(conn, conversation_id, None, Source.USER, payload)
             conversation = self._conversation(conn, conversation_id)
-            record = None if run is None else self._insert_run(conn, conversation, run)
+            record = None if run is None else self._runs.insert(conn, conversation, run)
             written = MessageWritten(event, record, self._conversation(conn, conversation_id))
             if idempotent is not None:
                 self._save_answer(conn, idempotent, conversation_id, written)
