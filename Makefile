@@ -46,7 +46,7 @@ types: $(TEST_INSTALLED)
 
 # Branch coverage of app/ (subprocesses included); the floor is fail_under in pyproject.toml.
 pytest: $(TEST_INSTALLED)
-	$(BIN)/pytest --cov --cov-report=term
+	$(BIN)/pytest --cov --cov-report=term --durations=20
 
 bench: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
