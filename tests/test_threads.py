@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,16 +113,18 @@ def test_serve_applies_the_size_to_run_and_tool_threads(
 
 
 def probe_message(server: Server) -> str:
+    """Run the probe to its end (the server's own wait, no polling); its one message."""
     body = {"agent": {"kind": "stack_probe"}, "run": True}
-    conversation_id = server.json("POST", "/api/conversations", json=body)["id"]
-    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while True:
-        events = events_of(server, conversation_id)
-        if texts := [e["payload"]["text"] for e in events if e["kind"] == "message"]:
-            text: str = texts[0]
-            return text
-        assert time.monotonic() < deadline, f"no message from the probe: {events}"
-        time.sleep(0.01)
+    created = server.json("POST", "/api/conversations", json=body)
+    conversation_id, run_id = created["id"], created["run"]["id"]
+    wait = f"/api/conversations/{conversation_id}/runs/{run_id}/wait"
+    ended = server.json(
+        "GET", f"{wait}?timeout={RUN_TIMEOUT_SECONDS}", timeout=RUN_TIMEOUT_SECONDS + 5
+    )
+    events = events_of(server, conversation_id)
+    assert ended["status"] == "finished", (ended, events)
+    [text] = [e["payload"]["text"] for e in events if e["kind"] == "message"]
+    return str(text)
 
 
 # -- the default has room -------------------------------------------------------------------

@@ -8,15 +8,13 @@ flags.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Literal
 
-import trio
+from kind_server import serve_with_kind
 from pydantic import BaseModel
 
-from app import MessagePayload, StepContext, StepResult, default_registry, finish, load_settings
-from app.cli import serve
+from app import MessagePayload, StepContext, StepResult, finish
 from app.threads import current_thread_stack_bytes
 
 
@@ -37,11 +35,7 @@ class StackProbeAgent:
 
 
 def main() -> int:
-    flags = dict(zip(sys.argv[1::2], sys.argv[2::2], strict=True))
-    settings = load_settings(**{key.lstrip("-").replace("-", "_"): v for key, v in flags.items()})
-    registry = default_registry()
-    registry.register("stack_probe", StackProbeSpec, StackProbeAgent)
-    return trio.run(functools.partial(serve, settings, registry=registry))
+    return serve_with_kind("stack_probe", StackProbeSpec, StackProbeAgent)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ shutdown grace running out, and the second signal. Arguments are ``serve``'s fla
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from typing import Literal
 
-import trio
+from kind_server import serve_with_kind
 from pydantic import BaseModel
 
-from app import MessagePayload, StepContext, StepResult, default_registry, finish, load_settings
-from app.cli import serve
+from app import MessagePayload, StepContext, StepResult, finish
 
 
 class StubbornSpec(BaseModel):
@@ -36,11 +34,7 @@ class StubbornAgent:
 
 
 def main() -> int:
-    flags = dict(zip(sys.argv[1::2], sys.argv[2::2], strict=True))
-    settings = load_settings(**{key.lstrip("-").replace("-", "_"): v for key, v in flags.items()})
-    registry = default_registry()
-    registry.register("stubborn", StubbornSpec, StubbornAgent)
-    return trio.run(functools.partial(serve, settings, registry=registry))
+    return serve_with_kind("stubborn", StubbornSpec, StubbornAgent)
 
 
 if __name__ == "__main__":
