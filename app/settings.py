@@ -21,9 +21,10 @@ Secrets: a value is never repeated in a message when its name looks secret (cont
 TOKEN, SECRET or PASSWORD). Settings hold no API key: a provider's key is read from the
 environment *by name* (``llm.api_key_env``, ``llm.providers.NAME.api_key_env``) once, at
 start-up, and removed from it (:func:`app.redact.take_secret`). A password in a provider's
-``base_url`` is masked whenever settings are shown as JSON, which is what lets
-``GET /api/server`` show every setting. The one secret setting, ``webhook_secret`` (a key
-the server signs with, not one it sends), is left out of ``repr`` and shown as ``***``;
+``base_url`` and in ``database_url`` is masked whenever settings are shown as JSON, which
+is what lets ``GET /api/server`` show every setting. The one secret setting,
+``webhook_secret`` (a key the server signs with, not one it sends), is left out of
+``repr`` and shown as ``***``;
 so are the clients' API keys (``api_keys``, both ``key`` and ``key_sha256``), and an error in
 an entry names the entry's position and field, never its value.
 
@@ -251,7 +252,17 @@ class Settings(BaseModel):
     )
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     data_dir: Path = Field(
-        Path("./data"), description="Directory holding the database; one server at a time."
+        Path("./data"),
+        description="Directory holding the SQLite database (when no database_url) and the"
+        " workspaces; one server at a time.",
+    )
+    database_url: str = Field(
+        "",
+        max_length=2048,
+        pattern=r"^(postgres(ql)?://.*)?$",
+        repr=False,
+        description="postgresql://user:password@host:port/db: the store on PostgreSQL, shared"
+        " by several nodes; empty: SQLite in data_dir. Shown with its password masked.",
     )
 
     max_concurrent_runs: int = Field(
@@ -452,13 +463,17 @@ class Settings(BaseModel):
             )
         return kib
 
+    @field_serializer("database_url", when_used="json")
+    def _masked_database_url(self, url: str) -> str:
+        return mask_url(url)
+
     @field_serializer("webhook_secret", when_used="json")
     def _masked_webhook_secret(self, secret: str) -> str:
         return MASK if secret else ""
 
     @property
     def database_path(self) -> Path:
-        """The one SQLite file that holds conversations, runs and events."""
+        """The SQLite file that holds conversations, runs and events (no ``database_url``)."""
         return self.data_dir / "trellis.sqlite3"
 
     @property

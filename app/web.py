@@ -52,7 +52,7 @@ from app.auth import install_auth
 from app.logs import log_fields
 from app.settings import Settings
 from app.store.base import EventStore
-from app.store.sqlite import SqliteStore
+from app.store.opening import open_store
 from app.supervisor import RunSupervisor
 from app.tools.calls import ToolRegistry
 
@@ -69,7 +69,8 @@ def create_app(
     """Build the app. Nothing is opened until the app starts serving.
 
     ``store``: an open store to serve; the caller keeps it and closes it after the app
-    stopped serving. Without one, the app opens ``settings.database_path`` and closes it.
+    stopped serving. Without one, the app opens the store the settings name
+    (``app/store/opening.py``) and closes it.
     """
     settings = settings or Settings()
     app = QuartTrio("trellis", static_folder=None)
@@ -94,9 +95,7 @@ def create_app(
     async def open_supervisor() -> None:
         opened = store
         if opened is None:
-            opened = await trio.to_thread.run_sync(
-                SqliteStore, settings.database_path, limiter=lifetime_limiter
-            )
+            opened = await trio.to_thread.run_sync(open_store, settings, limiter=lifetime_limiter)
         supervisor = RunSupervisor(settings, opened, registry, tools)
         app.extensions["trellis.supervisor"] = supervisor
         await app.nursery.start(supervisor.serve)

@@ -1,7 +1,9 @@
-"""Shared fixtures: a real SQLite file per test, a supervisor with the ``gated`` kind."""
+"""Shared fixtures: a real SQLite file per test, a supervisor with the ``gated`` kind, and
+a throwaway PostgreSQL schema for the tests that need one (``postgres_url``, tests/pg.py)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,56 @@ from app.settings import Settings
 from app.store import NewConversation, SqliteStore
 from app.supervisor import RunSupervisor, open_run_supervisor
 from app.testing import Gates, gated_registry
+from tests import pg
+
+#: Why PostgreSQL cannot be used here, once asked (``""``: it can).
+_postgres_missing: str | None = None
+
+
+def _postgres_reason() -> str:
+    global _postgres_missing
+    if _postgres_missing is None:
+        _postgres_missing = pg.unavailable_reason() or ""
+    return _postgres_missing
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """One throwaway database for the session (dropped at its end).
+
+    Without a server: fails under CI (``CI`` set: PostgreSQL must be there, never skipped
+    silently), skips elsewhere; the summary of ``make test`` counts the skipped tests.
+    """
+    reason = _postgres_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the PostgreSQL tests (.ci/run starts it)")
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    with pg.throwaway_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A URL of the session's database whose connections work in a fresh schema."""
+    with pg.throwaway_schema(postgres_database) as url:
+        yield url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say plainly when the PostgreSQL tests did not run (a user's machine without it)."""
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if "PostgreSQL tests skipped" in str(report.longrepr)
+    ]
+    if skipped:
+        terminalreporter.write_sep(
+            "!",
+            f"{len(skipped)} PostgreSQL tests SKIPPED: {_postgres_reason()}."
+            " Start PostgreSQL (or set TRELLIS_TEST_POSTGRES to a server URL) to run them.",
+            yellow=True,
+        )
 
 
 @pytest.fixture

@@ -102,6 +102,15 @@ def servers() -> Iterator[list[Server]]:
         server.stderr_file.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_flags(request: pytest.FixtureRequest) -> list[str]:
+    """The flags that choose the store: none (SQLite in the data dir), or PostgreSQL at a
+    throwaway schema (``postgres_url``; skipped without a server, failed under CI)."""
+    if request.param == "sqlite":
+        return []
+    return ["--database-url", request.getfixturevalue("postgres_url")]
+
+
 def start_conversations(server: Server, count: int) -> list[str]:
     agent = script({"say": "started"}, {"sleep": 60}, {"finish": "never"})
     return [
@@ -124,10 +133,10 @@ def start_and_snapshot(server: Server, count: int, slots: int) -> dict[str, list
 
 
 def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
-    tmp_path: Path, servers: list[Server]
+    tmp_path: Path, servers: list[Server], store_flags: list[str]
 ) -> None:
     """SIGTERM with running and queued runs: exit 0 fast, all paused/shutdown, nothing lost."""
-    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "3"))
+    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "3", *store_flags))
     before = start_and_snapshot(server, count=5, slots=3)
     assert server.json("GET", "/api/server")["statistics"]["queued"] == 2
 
@@ -136,7 +145,7 @@ def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
     assert elapsed < SHUTDOWN_GRACE_SECONDS + 1
     assert "Traceback" not in stderr
 
-    servers.append(restarted := Server(tmp_path))
+    servers.append(restarted := Server(tmp_path, *store_flags))
     for cid in before:
         conversation = restarted.json("GET", f"/api/conversations/{cid}")
         assert (conversation["status"], conversation["run"]["reason"]) == ("paused", "shutdown")
@@ -148,14 +157,15 @@ def test_sigterm_pauses_runs_exits_zero_and_restart_serves_same_events(
 
 
 def test_sigkill_then_restart_recovers_as_paused_without_losing_events(
-    tmp_path: Path, servers: list[Server]
+    tmp_path: Path, servers: list[Server], store_flags: list[str]
 ) -> None:
-    """After SIGKILL, a restart finds every committed event and pauses the orphaned runs."""
-    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "2"))
+    """After SIGKILL, a restart finds every committed event and pauses the orphaned runs
+    (on PostgreSQL too: the killed server's claim on the database ended with it)."""
+    servers.append(server := Server(tmp_path, "--max-concurrent-runs", "2", *store_flags))
     before = start_and_snapshot(server, count=3, slots=2)
     assert server.stop(signal.SIGKILL)[0] == -signal.SIGKILL
 
-    servers.append(restarted := Server(tmp_path))
+    servers.append(restarted := Server(tmp_path, *store_flags))
     for cid in before:
         conversation = restarted.json("GET", f"/api/conversations/{cid}")
         assert conversation["status"] == "paused"

@@ -1,4 +1,5 @@
-"""The embedded SQLite store (``app/store/sqlite.py``, ``app/store/queries.py``) on a real file."""
+"""The store (``app/store/sql_store.py``, ``app/store/queries.py``) on each engine: a real
+SQLite file and a real PostgreSQL schema (``tests/store_kinds.py``); SQLite-only tests say why."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ from app.errors import IdempotencyKeyReused, IllegalTransition, InvalidInput, No
 from app.events import ErrorPayload, Event, MessagePayload, Source, StatusPayload, utc_now
 from app.lifecycle import TRANSITIONS, Status, Trigger
 from app.records import ConversationRecord, Webhook
+from app.settings import Settings
 from app.store import EventQuery, NewConversation, Order, SqliteStore
 from app.store.idempotency import key_cutoff, scoped_key
 from app.store.schema import SCHEMA_VERSION
+from app.store.sql_store import SqlStore
+from tests.store_kinds import any_store_fixture, raw, store_opener_fixture
 
 NOW = utc_now().isoformat()
+
+
+# Every test here runs on both engines, unless it opens a SqliteStore of its own.
+store = any_store_fixture()
+store_opener = store_opener_fixture()
 
 
 def new(initial_message: str | None = None, **fields: Any) -> NewConversation:
@@ -27,22 +36,22 @@ def new(initial_message: str | None = None, **fields: Any) -> NewConversation:
     return NewConversation(agent, "a title", 7, initial_message=initial_message, **fields)
 
 
-def create(store: SqliteStore, initial_message: str | None = None) -> ConversationRecord:
+def create(store: SqlStore, initial_message: str | None = None) -> ConversationRecord:
     conversation, created = store.create_conversation(new(initial_message))
     assert created
     return conversation
 
 
-def say(store: SqliteStore, conversation_id: str, text: str, run_id: str | None = None) -> Event:
+def say(store: SqlStore, conversation_id: str, text: str, run_id: str | None = None) -> Event:
     return store.append_event(conversation_id, run_id, Source.AGENT, MessagePayload(text=text))
 
 
-def seqs(store: SqliteStore, conversation_id: str, **query: Any) -> list[int]:
+def seqs(store: SqlStore, conversation_id: str, **query: Any) -> list[int]:
     page = store.search_events(conversation_id, EventQuery(limit=1000, **query))
     return [event.seq for event in page.items]
 
 
-def statuses(store: SqliteStore, conversation_id: str) -> list[tuple[str, str, str, str | None]]:
+def statuses(store: SqlStore, conversation_id: str) -> list[tuple[str, str, str, str | None]]:
     """(status, previous, reason, run_id) of every status event, oldest first."""
     result = []
     for event in store.search_events(conversation_id, EventQuery(kind="status")).items:
@@ -53,7 +62,7 @@ def statuses(store: SqliteStore, conversation_id: str) -> list[tuple[str, str, s
     return result
 
 
-def raw_counts(path: Path, conversation_id: str) -> list[int]:
+def raw_counts(store: SqlStore, conversation_id: str) -> list[int]:
     """Rows of the conversation in conversations, runs, events, idempotency_keys."""
     sql = [
         "SELECT count(*) FROM conversations WHERE id = ?",
@@ -62,14 +71,13 @@ def raw_counts(path: Path, conversation_id: str) -> list[int]:
             for table in ("runs", "events", "idempotency_keys")
         ),
     ]
-    with closing(sqlite3.connect(path)) as conn:
-        return [conn.execute(query, (conversation_id,)).fetchone()[0] for query in sql]
+    return [raw(store, query, (conversation_id,))[0][0] for query in sql]
 
 
 # -- conversations ---------------------------------------------------------------------
 
 
-def test_create_conversation_starts_idle_with_first_user_message(store: SqliteStore) -> None:
+def test_create_conversation_starts_idle_with_first_user_message(store: SqlStore) -> None:
     """A new conversation is idle, has no run, and its initial message is event seq 1."""
     conversation = create(store, "Hello")
     assert (conversation.status, conversation.run) == (Status.IDLE, None)
@@ -83,7 +91,7 @@ def test_create_conversation_starts_idle_with_first_user_message(store: SqliteSt
     assert create(store).event_count == 0
 
 
-def test_create_conversation_replays_idempotency_key(store: SqliteStore) -> None:
+def test_create_conversation_replays_idempotency_key(store: SqlStore) -> None:
     """The same key and request hash return the first conversation with created=False."""
     first, created = store.create_conversation(new("hi", idempotency_key="k", request_hash="h"))
     again, created_again = store.create_conversation(
@@ -96,7 +104,7 @@ def test_create_conversation_replays_idempotency_key(store: SqliteStore) -> None
     assert [c.id for c in page.items] == [first.id]
 
 
-def test_create_conversation_refuses_reused_key_with_other_body(store: SqliteStore) -> None:
+def test_create_conversation_refuses_reused_key_with_other_body(store: SqlStore) -> None:
     """The same key with a different request hash raises 422 and creates nothing."""
     first, _ = store.create_conversation(new("hi", idempotency_key="k", request_hash="h1"))
     with pytest.raises(IdempotencyKeyReused) as info:
@@ -107,7 +115,7 @@ def test_create_conversation_refuses_reused_key_with_other_body(store: SqliteSto
     assert store.get_conversation(first.id).event_count == 1
 
 
-def test_idempotency_keys_are_scoped_per_tenant(store: SqliteStore) -> None:
+def test_idempotency_keys_are_scoped_per_tenant(store: SqlStore) -> None:
     """The same client key of two tenants is two keys; an error echoes the client's key
     only, never the tenant it was scoped to."""
     a_key, b_key = scoped_key("a", "k"), scoped_key("b", "k")
@@ -119,14 +127,13 @@ def test_idempotency_keys_are_scoped_per_tenant(store: SqliteStore) -> None:
     assert info.value.detail == {"idempotency_key": "k"}
 
 
-def test_expired_idempotency_keys_are_purged_and_then_new(store: SqliteStore) -> None:
+def test_expired_idempotency_keys_are_purged_and_then_new(store: SqlStore) -> None:
     """A key older than the retention is deleted (alone, or with every expired key), its
     conversation stays, and the same key then creates anew."""
     old, _ = store.create_conversation(new("hi", idempotency_key="old", request_hash="h"))
     store.create_conversation(new("hi", idempotency_key="kept", request_hash="h"))
-    with closing(sqlite3.connect(store.path)) as conn, conn:
-        conn.execute("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00+00:00'")
-        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE key = 'kept'", (NOW,))
+    raw(store, "UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00+00:00'")
+    raw(store, "UPDATE idempotency_keys SET created_at = ? WHERE key = 'kept'", (NOW,))
     cutoff = key_cutoff(24)
     assert store.purge_idempotency_keys(cutoff, "kept") == 0
     assert store.purge_idempotency_keys(cutoff, "old") == 1
@@ -139,7 +146,7 @@ def test_expired_idempotency_keys_are_purged_and_then_new(store: SqliteStore) ->
         store.check_idempotency_key("kept", "other hash")
 
 
-def test_list_conversations_pages_newest_first(store: SqliteStore) -> None:
+def test_list_conversations_pages_newest_first(store: SqlStore) -> None:
     """Pages come newest first and next_cursor walks them until it is None."""
     ids = [create(store).id for _ in range(5)]
     pages, cursor = [], None
@@ -152,7 +159,7 @@ def test_list_conversations_pages_newest_first(store: SqliteStore) -> None:
     assert pages == [[ids[4], ids[3]], [ids[2], ids[1]], [ids[0]]]
 
 
-def test_list_conversations_filters_by_status(store: SqliteStore) -> None:
+def test_list_conversations_filters_by_status(store: SqlStore) -> None:
     """The status filter returns only conversations in that status, newest first."""
     ids = [create(store).id for _ in range(5)]
     for index in (1, 3):
@@ -177,7 +184,7 @@ def test_list_conversations_filters_by_status(store: SqliteStore) -> None:
     ],
 )
 def test_list_conversations_malformed_cursor_raises_invalid_input(
-    store: SqliteStore, cursor: str
+    store: SqlStore, cursor: str
 ) -> None:
     """A cursor that is not a returned next_cursor raises InvalidInput (422)."""
     create(store)
@@ -186,16 +193,16 @@ def test_list_conversations_malformed_cursor_raises_invalid_input(
     assert info.value.status == 422
 
 
-def test_delete_conversation_removes_runs_and_events(store: SqliteStore) -> None:
+def test_delete_conversation_removes_runs_and_events(store: SqlStore) -> None:
     """Deleting removes the conversation's rows in every table and leaves others alone."""
     gone, _ = store.create_conversation(new("hi", idempotency_key="k", request_hash="h"))
     kept = create(store, "stay")
     store.create_run(gone.id, run_id="r1", activate=True, reason="api")
     store.transition_run("r1", Trigger.START, reason="slot")
-    assert raw_counts(store.path, gone.id) == [1, 1, 3, 1]
+    assert raw_counts(store, gone.id) == [1, 1, 3, 1]
     store.delete_conversation(gone.id)
-    assert raw_counts(store.path, gone.id) == [0, 0, 0, 0]
-    assert raw_counts(store.path, kept.id) == [1, 0, 1, 0]
+    assert raw_counts(store, gone.id) == [0, 0, 0, 0]
+    assert raw_counts(store, kept.id) == [1, 0, 1, 0]
     with pytest.raises(NotFound):
         store.get_conversation(gone.id)
     with pytest.raises(NotFound):
@@ -205,7 +212,7 @@ def test_delete_conversation_removes_runs_and_events(store: SqliteStore) -> None
 # -- events ----------------------------------------------------------------------------
 
 
-def test_append_event_numbers_seq_per_conversation(store: SqliteStore) -> None:
+def test_append_event_numbers_seq_per_conversation(store: SqlStore) -> None:
     """Seq counts 1, 2, 3 … per conversation, independently across interleaved appends."""
     a, b = create(store, "a1"), create(store)
     got = [(c.id, say(store, c.id, f"m{i}").seq) for i in range(3) for c in (a, b)]
@@ -214,7 +221,7 @@ def test_append_event_numbers_seq_per_conversation(store: SqliteStore) -> None:
     assert store.get_conversation(a.id).event_count == 4
 
 
-def test_append_event_concurrent_threads_get_gapless_seqs(store: SqliteStore) -> None:
+def test_append_event_concurrent_threads_get_gapless_seqs(store: SqlStore) -> None:
     """Four threads appending to one conversation at once get exactly seqs 1..N, no gaps."""
     conversation = create(store)
     per_thread, threads_n = 50, 4
@@ -245,7 +252,7 @@ def test_append_event_concurrent_threads_get_gapless_seqs(store: SqliteStore) ->
 
 
 @pytest.fixture
-def log(store: SqliteStore) -> tuple[str, list[Event]]:
+def log(store: SqlStore) -> tuple[str, list[Event]]:
     """A conversation with seven varied events, plus another that must never show up."""
     other = create(store, "the weather elsewhere")
     store.create_run(other.id, run_id="run-b", activate=True, reason="api")
@@ -284,7 +291,7 @@ FILTERS = [
 
 @pytest.mark.parametrize(("filters", "expected"), FILTERS)
 def test_search_events_filters(
-    store: SqliteStore, log: tuple[str, list[Event]], filters: dict[str, Any], expected: list[int]
+    store: SqlStore, log: tuple[str, list[Event]], filters: dict[str, Any], expected: list[int]
 ) -> None:
     """Each filter returns exactly the matching events of this conversation, in both orders."""
     conversation_id, _ = log
@@ -294,7 +301,7 @@ def test_search_events_filters(
 
 @pytest.mark.parametrize(("filters", "expected"), FILTERS)
 def test_count_events_filters(
-    store: SqliteStore, log: tuple[str, list[Event]], filters: dict[str, Any], expected: list[int]
+    store: SqlStore, log: tuple[str, list[Event]], filters: dict[str, Any], expected: list[int]
 ) -> None:
     """count_events counts what search_events finds, ignoring limit and order."""
     conversation_id, _ = log
@@ -302,14 +309,14 @@ def test_count_events_filters(
     assert count == len(expected)
 
 
-def test_search_events_q_matches_text_with_quotes(store: SqliteStore) -> None:
+def test_search_events_q_matches_text_with_quotes(store: SqlStore) -> None:
     """A q containing a double quote finds a message whose text contains it."""
     conversation = create(store, 'she said "hi"')
     assert seqs(store, conversation.id, q='"hi"') == [1]
 
 
 @pytest.mark.parametrize("q", ["kind", "text", "message", "{"], ids=str)
-def test_search_events_q_ignores_json_syntax(store: SqliteStore, q: str) -> None:
+def test_search_events_q_ignores_json_syntax(store: SqlStore, q: str) -> None:
     """q matches what was said, never the payload's JSON keys, kind or punctuation."""
     conversation = create(store, "plain words")
     assert seqs(store, conversation.id, q=q) == []
@@ -324,7 +331,7 @@ def test_search_events_q_ignores_json_syntax(store: SqliteStore, q: str) -> None
     ],
 )
 def test_search_events_pages_with_next_seq(
-    store: SqliteStore,
+    store: SqlStore,
     log: tuple[str, list[Event]],
     order: Order,
     cursor_field: str,
@@ -344,9 +351,7 @@ def test_search_events_pages_with_next_seq(
     assert got == pages
 
 
-def test_get_event_returns_committed_event(
-    store: SqliteStore, log: tuple[str, list[Event]]
-) -> None:
+def test_get_event_returns_committed_event(store: SqlStore, log: tuple[str, list[Event]]) -> None:
     """get_event returns each event exactly as append_event returned it."""
     conversation_id, appended = log
     assert [store.get_event(conversation_id, event.id) for event in appended] == appended
@@ -371,9 +376,9 @@ UNKNOWN: list[Any] = [
 
 @pytest.mark.parametrize("call", UNKNOWN)
 def test_store_unknown_id_raises_not_found(
-    store: SqliteStore,
+    store: SqlStore,
     log: tuple[str, list[Event]],
-    call: Callable[[SqliteStore, str, str], object],
+    call: Callable[[SqlStore, str, str], object],
 ) -> None:
     """An unknown id, or an id of another conversation, raises NotFound (404)."""
     _, appended = log
@@ -385,7 +390,7 @@ def test_store_unknown_id_raises_not_found(
 # -- runs ------------------------------------------------------------------------------
 
 
-def test_create_run_activate_queues_conversation(store: SqliteStore) -> None:
+def test_create_run_activate_queues_conversation(store: SqlStore) -> None:
     """An activated run is queued, becomes the current run, and writes one status event."""
     conversation = create(store)
     run, returned = store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
@@ -398,7 +403,7 @@ def test_create_run_activate_queues_conversation(store: SqliteStore) -> None:
     assert statuses(store, conversation.id) == [("queued", "idle", "api", "r1")]
 
 
-def test_create_run_without_activate_leaves_conversation(store: SqliteStore) -> None:
+def test_create_run_without_activate_leaves_conversation(store: SqlStore) -> None:
     """A run created with activate=False is recorded but the conversation does not change."""
     conversation = create(store)
     run, returned = store.create_run(conversation.id, run_id="r1", activate=False, reason="api")
@@ -407,7 +412,7 @@ def test_create_run_without_activate_leaves_conversation(store: SqliteStore) -> 
     assert store.list_active_runs() == [run]
 
 
-def test_create_run_refused_records_no_run(store: SqliteStore) -> None:
+def test_create_run_refused_records_no_run(store: SqlStore) -> None:
     """Activating a second run on a queued conversation raises and records nothing."""
     conversation = create(store)
     store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
@@ -426,7 +431,7 @@ def test_create_run_refused_records_no_run(store: SqliteStore) -> None:
     ],
 )
 def test_transition_run_records_times_and_status_events(
-    store: SqliteStore, trigger: Trigger, end: Status, error: str | None
+    store: SqlStore, trigger: Trigger, end: Status, error: str | None
 ) -> None:
     """START sets started_at, the end sets finished_at; the conversation follows with events."""
     conversation = create(store, "hi")
@@ -464,7 +469,7 @@ ILLEGAL_RUN_TRIGGERS = [
 
 @pytest.mark.parametrize(("setup", "trigger"), ILLEGAL_RUN_TRIGGERS)
 def test_transition_run_illegal_changes_nothing(
-    store: SqliteStore, setup: list[Trigger], trigger: Trigger
+    store: SqlStore, setup: list[Trigger], trigger: Trigger
 ) -> None:
     """An illegal trigger raises IllegalTransition and leaves run, conversation and log as-is."""
     conversation = create(store, "hi")
@@ -480,7 +485,7 @@ def test_transition_run_illegal_changes_nothing(
     assert store.count_events(conversation.id, EventQuery()) == conversation_before.event_count
 
 
-def test_transition_run_not_current_changes_run_only(store: SqliteStore) -> None:
+def test_transition_run_not_current_changes_run_only(store: SqlStore) -> None:
     """Stopping a run that is not the conversation's current run leaves the conversation."""
     conversation = create(store)
     store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
@@ -494,7 +499,7 @@ def test_transition_run_not_current_changes_run_only(store: SqliteStore) -> None
     assert before.run.id == "r1"
 
 
-def test_activate_run_makes_waiting_run_current(store: SqliteStore) -> None:
+def test_activate_run_makes_waiting_run_current(store: SqlStore) -> None:
     """A run that waited behind a finished run becomes current and re-queues the conversation."""
     conversation = create(store)
     store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
@@ -507,7 +512,7 @@ def test_activate_run_makes_waiting_run_current(store: SqliteStore) -> None:
     assert statuses(store, conversation.id)[-1] == ("queued", "finished", "next", "r2")
 
 
-def test_save_progress_round_trips_agent_state(store: SqliteStore) -> None:
+def test_save_progress_round_trips_agent_state(store: SqlStore) -> None:
     """save_progress stores the step count on the run and the agent state on the conversation."""
     conversation = create(store)
     assert store.get_agent_state(conversation.id) == {}
@@ -518,7 +523,7 @@ def test_save_progress_round_trips_agent_state(store: SqliteStore) -> None:
     assert store.get_run(conversation.id, "r1").steps == 2
 
 
-def test_list_runs_pages_oldest_first(store: SqliteStore) -> None:
+def test_list_runs_pages_oldest_first(store: SqlStore) -> None:
     """list_runs returns only this conversation's runs, oldest first, until the cursor is None."""
     conversation, other = create(store), create(store)
     for i in range(5):
@@ -536,10 +541,9 @@ def test_list_runs_pages_oldest_first(store: SqliteStore) -> None:
 # -- recovery and the file -------------------------------------------------------------
 
 
-def test_recover_interrupted_pauses_active_runs(tmp_path: Path) -> None:
+def test_recover_interrupted_pauses_active_runs(store_opener: Callable[[], SqlStore]) -> None:
     """After a reopen, runs left queued/running/pausing become paused with their conversations."""
-    path = tmp_path / "crash.sqlite3"
-    store = SqliteStore(path)
+    store = store_opener()
     queued, running, pausing, finished, idle = (create(store).id for _ in range(5))
     setups: dict[str, list[Trigger]] = {
         queued: [],
@@ -555,58 +559,51 @@ def test_recover_interrupted_pauses_active_runs(tmp_path: Path) -> None:
             store.transition_run(f"run-{conversation_id}", trigger, reason="setup")
     store.close()  # the "crash": nothing was stopped
 
-    store = SqliteStore(path)
-    try:
-        touched = store.recover_interrupted(reason="crash_recovery")
-        assert touched == [queued, running, pausing]
-        for conversation_id, previous in zip(
-            touched, ["queued", "running", "pausing"], strict=True
-        ):
-            after = store.get_conversation(conversation_id)
-            assert after.status is Status.PAUSED
-            assert after.run is not None
-            assert (after.run.status, after.run.reason) == (Status.PAUSED, "crash_recovery")
-            last = statuses(store, conversation_id)[-1]
-            assert last == ("paused", previous, "crash_recovery", f"run-{conversation_id}")
-        assert store.get_conversation(finished).status is Status.FINISHED
-        assert store.get_conversation(idle).status is Status.IDLE
-        assert store.list_active_runs() == []
-        assert store.recover_interrupted(reason="crash_recovery") == []
-    finally:
-        store.close()
+    store = store_opener()
+    touched = store.recover_interrupted(reason="crash_recovery")
+    assert touched == [queued, running, pausing]
+    for conversation_id, previous in zip(touched, ["queued", "running", "pausing"], strict=True):
+        after = store.get_conversation(conversation_id)
+        assert after.status is Status.PAUSED
+        assert after.run is not None
+        assert (after.run.status, after.run.reason) == (Status.PAUSED, "crash_recovery")
+        last = statuses(store, conversation_id)[-1]
+        assert last == ("paused", previous, "crash_recovery", f"run-{conversation_id}")
+    assert store.get_conversation(finished).status is Status.FINISHED
+    assert store.get_conversation(idle).status is Status.IDLE
+    assert store.list_active_runs() == []
+    assert store.recover_interrupted(reason="crash_recovery") == []
 
 
-def test_store_data_survives_reopen(tmp_path: Path) -> None:
+def test_store_data_survives_reopen(store_opener: Callable[[], SqlStore]) -> None:
     """Conversations, runs and events written before close() are there after reopening."""
-    path = tmp_path / "x.sqlite3"
-    store = SqliteStore(path)
+    store = store_opener()
     conversation = create(store, "persist me")
     store.create_run(conversation.id, run_id="r1", activate=True, reason="api")
     before = store.get_conversation(conversation.id)
     events = store.search_events(conversation.id, EventQuery()).items
     store.close()
 
-    reopened = SqliteStore(path)
-    try:
-        assert reopened.get_conversation(conversation.id) == before
-        assert reopened.search_events(conversation.id, EventQuery()).items == events
-        assert say(reopened, conversation.id, "more").seq == 3
-    finally:
-        reopened.close()
+    reopened = store_opener()
+    assert reopened.get_conversation(conversation.id) == before
+    assert reopened.search_events(conversation.id, EventQuery()).items == events
+    assert say(reopened, conversation.id, "more").seq == 3
 
 
-def test_store_file_is_in_wal_mode(store: SqliteStore) -> None:
-    """The database file is switched to WAL journal mode, as a raw connection sees it."""
-    with closing(sqlite3.connect(store.path)) as conn:
+def test_store_file_is_in_wal_mode(settings: Settings) -> None:
+    """The database file is switched to WAL journal mode, as a raw connection sees it.
+    (SQLite only: a file's journal.)"""
+    SqliteStore(settings.database_path).close()
+    with closing(sqlite3.connect(settings.database_path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 @pytest.mark.parametrize("version", [pytest.param(v, id=f"v{v}") for v in (1, 2, 3)])
 def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
-    """A file of an older schema version (its columns dropped again, its version set back)
-    is brought to the current version on open: old rows read as before (no webhook, tenant
-    ``default``), new conversations keep their webhook, tenant and keyed answers, a tenant's
-    list shows only its own, and user_version says so."""
+    """(SQLite's migrations.) A file of an older schema version (its columns dropped again,
+    its version set back) is brought to the current version on open: old rows read as
+    before (no webhook, tenant ``default``), new conversations keep their webhook, tenant
+    and keyed answers, a tenant's list shows only its own, and user_version says so."""
     path = tmp_path / "old.sqlite3"
     store = SqliteStore(path)
     old = create(store, "from before")

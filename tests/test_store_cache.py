@@ -1,36 +1,38 @@
-"""The store's write-through cache of conversation records (app/store/cache.py)."""
+"""The store's write-through cache of conversation records (app/store/cache.py), on each
+engine (``tests/store_kinds.py``)."""
 
 from __future__ import annotations
 
 import threading
-from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 from app.events import MessagePayload, Source
 from app.lifecycle import Status, Trigger
 from app.records import ConversationRecord
-from app.store import NewConversation, SqliteStore
+from app.store import NewConversation
 from app.store.cache import RecordCache
 from app.store.queries import conversation_from_row, conversation_row
-from app.store.schema import connect
+from app.store.sql_store import SqlStore
+from tests.store_kinds import any_store_fixture
+
+store = any_store_fixture()
 
 
-def create(store: SqliteStore) -> ConversationRecord:
+def create(store: SqlStore) -> ConversationRecord:
     new = NewConversation(agent={"kind": "script", "steps": [{"say": "x"}]}, title=None,
                           max_iterations=5)  # fmt: skip
     return store.create_conversation(new)[0]
 
 
-def fresh(store: SqliteStore, conversation_id: str) -> ConversationRecord:
-    """What the database file says, through a connection of its own (no cache involved)."""
-    with closing(connect(store.path)) as connection:
+def fresh(store: SqlStore, conversation_id: str) -> ConversationRecord:
+    """What the database says, through a read connection (no cache involved)."""
+    with store._read() as connection:
         row = conversation_row(connection, conversation_id)
     assert row is not None
     return conversation_from_row(row)
 
 
-def test_cache_fills_on_first_read_only(store: SqliteStore) -> None:
+def test_cache_fills_on_first_read_only(store: SqlStore) -> None:
     """A conversation enters the cache when it is first read, not when it is created."""
     conversation = create(store)
     assert store.cached_conversation(conversation.id) is None
@@ -38,7 +40,7 @@ def test_cache_fills_on_first_read_only(store: SqliteStore) -> None:
     assert store.cached_conversation(conversation.id) == conversation
 
 
-def test_cache_follows_every_kind_of_write(store: SqliteStore) -> None:
+def test_cache_follows_every_kind_of_write(store: SqlStore) -> None:
     """Events, run transitions, progress and deletion all show in the cached record."""
     conversation_id = create(store).id
     store.get_conversation(conversation_id)
@@ -55,51 +57,52 @@ def test_cache_follows_every_kind_of_write(store: SqliteStore) -> None:
     assert store.cached_conversation(conversation_id) is None
 
 
-class PausingReadStore(SqliteStore):
-    """Pauses one chosen thread right after it has read a conversation (a gate)."""
+class PausingRead:
+    """Wraps a store's ``_conversation`` to pause one chosen thread right after it has read
+    a conversation (a gate)."""
 
-    paused_thread: threading.Thread | None = None
-    has_read = threading.Event()
-    resume = threading.Event()
+    def __init__(self, store: SqlStore) -> None:
+        self.paused_thread: threading.Thread | None = None
+        self.has_read = threading.Event()
+        self.resume = threading.Event()
+        self._read = store._conversation
+        store._conversation = self  # type: ignore[method-assign]
 
-    def _conversation(self, conn: Any, conversation_id: str) -> ConversationRecord:
-        record = super()._conversation(conn, conversation_id)
+    def __call__(self, conn: Any, conversation_id: str) -> ConversationRecord:
+        record = self._read(conn, conversation_id)
         if threading.current_thread() is self.paused_thread:
             self.has_read.set()
             self.resume.wait(timeout=10)
         return record
 
 
-def test_cache_miss_fill_cannot_overwrite_a_newer_write(tmp_path: Path) -> None:
+def test_cache_miss_fill_cannot_overwrite_a_newer_write(store: SqlStore) -> None:
     """A reader that read before a write committed cannot put its older record in the cache.
 
     The reader is held between its read and its cache fill while a writer appends; a correct
     store makes the writer wait for the fill (both hold the write lock), so the writer's
     refresh comes last.
     """
-    store = PausingReadStore(tmp_path / "db.sqlite3")
-    try:
-        conversation_id = create(store).id
-        reader = threading.Thread(target=store.get_conversation, args=(conversation_id,))
-        writer_done = threading.Event()
+    pausing = PausingRead(store)
+    conversation_id = create(store).id
+    reader = threading.Thread(target=store.get_conversation, args=(conversation_id,))
+    writer_done = threading.Event()
 
-        def write() -> None:
-            store.append_event(conversation_id, None, Source.USER, MessagePayload(text="new"))
-            writer_done.set()
+    def write() -> None:
+        store.append_event(conversation_id, None, Source.USER, MessagePayload(text="new"))
+        writer_done.set()
 
-        writer = threading.Thread(target=write)
-        store.paused_thread = reader
-        reader.start()
-        assert store.has_read.wait(timeout=10)
-        writer.start()
-        # A correct store blocks the writer here; a broken one lets it finish at once.
-        writer_done.wait(timeout=0.5)
-        store.resume.set()
-        reader.join()
-        writer.join()
-        assert store.cached_conversation(conversation_id) == fresh(store, conversation_id)
-    finally:
-        store.close()
+    writer = threading.Thread(target=write)
+    pausing.paused_thread = reader
+    reader.start()
+    assert pausing.has_read.wait(timeout=10)
+    writer.start()
+    # A correct store blocks the writer here; a broken one lets it finish at once.
+    writer_done.wait(timeout=0.5)
+    pausing.resume.set()
+    reader.join()
+    writer.join()
+    assert store.cached_conversation(conversation_id) == fresh(store, conversation_id)
 
 
 def test_record_cache_evicts_the_oldest_entry() -> None:
@@ -127,7 +130,7 @@ def test_record_cache_evicts_the_oldest_entry() -> None:
 
 
 def test_a_big_transaction_drops_what_it_touched_instead_of_refreshing(
-    store: SqliteStore,
+    store: SqlStore,
 ) -> None:
     """A commit that touches more cached conversations than it re-reads (a drain's
     stop_runs) leaves none of them stale: dropped, then read fresh; a small one refreshes."""

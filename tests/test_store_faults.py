@@ -23,6 +23,7 @@ from app.lifecycle import Status, Trigger
 from app.store import EventQuery, NewConversation, SqliteStore
 from app.store.connections import Connections
 from app.store.faults import StoreHealth, StoreUnavailable, is_storage_error
+from app.store.sqlite import SqliteEngine
 from tests.tiny_fs import TinyFs, ext4_image, tiny_tmpfs
 
 FULL_MESSAGE = "database or disk is full"
@@ -46,7 +47,7 @@ def store(disk: TinyFs) -> Iterator[SqliteStore]:
 def open_connections(path: Path, **callbacks: Any) -> Connections:
     """Connections with an ``items`` table (``text`` unique) and no cache to refresh."""
     callbacks.setdefault("after_commit", lambda connection: None)
-    conns = Connections(path, **callbacks)
+    conns = Connections(SqliteEngine(path), **callbacks)
     with conns.write() as connection:
         connection.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, text TEXT UNIQUE)")
     return conns

@@ -4,6 +4,10 @@ Batches are made deterministic by holding the write lock (``Connections.locked_w
 while the writers queue up — ``waiting_writes()`` tells when they all wait — and releasing
 it: the leader then commits every waiting write in one transaction. Store listeners are
 called once per committed transaction, so their calls show the batches.
+
+The store-level tests run on each engine (``tests/store_kinds.py``); those that need
+SQLite's own faults (a full disk, a savepoint SQLite refuses to undo, a killed process's
+file) stay SQLite-only.
 """
 
 from __future__ import annotations
@@ -27,22 +31,27 @@ from app.errors import NotFound
 from app.events import Event, MessagePayload, Source
 from app.store import EventQuery, NewConversation, SqliteStore
 from app.store.faults import StoreUnavailable
+from app.store.sql_store import SqlStore
+from tests.store_kinds import any_store_fixture, store_opener_fixture
 from tests.test_store_faults import open_connections
 from tests.tiny_fs import TinyFs, tiny_tmpfs
 
 HANG = 30.0  # seconds: only to turn a hang into a failure
 
+store = any_store_fixture()
+store_opener = store_opener_fixture()
 
-def create(store: SqliteStore) -> str:
+
+def create(store: SqlStore) -> str:
     agent = {"kind": "script", "steps": []}
     return store.create_conversation(NewConversation(agent, "t", 5))[0].id
 
 
-def say(store: SqliteStore, conversation_id: str, text: str) -> Event:
+def say(store: SqlStore, conversation_id: str, text: str) -> Event:
     return store.append_event(conversation_id, None, Source.AGENT, MessagePayload(text=text))
 
 
-def seqs(store: SqliteStore, conversation_id: str) -> list[int]:
+def seqs(store: SqlStore, conversation_id: str) -> list[int]:
     return [e.seq for e in store.search_events(conversation_id, EventQuery(limit=1000)).items]
 
 
@@ -54,7 +63,7 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 @contextmanager
-def one_batch(store: SqliteStore, writes: int) -> Iterator[ThreadPoolExecutor]:
+def one_batch(store: SqlStore, writes: int) -> Iterator[ThreadPoolExecutor]:
     """Hold the write lock while the block submits ``writes`` writes from a pool of
     threads; release it once all of them wait: they commit as one batch."""
     with ThreadPoolExecutor(max_workers=writes) as pool, store._db.locked_writer():
@@ -62,7 +71,7 @@ def one_batch(store: SqliteStore, writes: int) -> Iterator[ThreadPoolExecutor]:
         wait_until(lambda: store._db.waiting_writes() == writes)
 
 
-def listen(store: SqliteStore) -> list[list[Event]]:
+def listen(store: SqlStore) -> list[list[Event]]:
     calls: list[list[Event]] = []
     store.add_listener(calls.append)
     return calls
@@ -75,7 +84,7 @@ def results(futures: list[Future[Any]]) -> list[Any]:
 # -- batches -----------------------------------------------------------------------------
 
 
-def test_waiting_writes_commit_together(store: SqliteStore) -> None:
+def test_waiting_writes_commit_together(store: SqlStore) -> None:
     """Appends waiting at the same time are committed in one transaction (one listener
     call), each returning its own event with the next seq of its conversation."""
     conversations = [create(store) for _ in range(8)]
@@ -90,7 +99,7 @@ def test_waiting_writes_commit_together(store: SqliteStore) -> None:
         assert seqs(store, conversation_id) == [1, 2]
 
 
-def test_a_failing_write_fails_alone(store: SqliteStore) -> None:
+def test_a_failing_write_fails_alone(store: SqlStore) -> None:
     """In one batch, an append to a missing conversation and a save_progress of a missing
     run raise NotFound in their own callers; the other writes commit, with gapless seqs,
     and listeners never see the failed ones."""
@@ -113,28 +122,29 @@ def test_a_failing_write_fails_alone(store: SqliteStore) -> None:
     assert store.get_conversation(kept).event_count == 3
 
 
-def test_a_failing_write_is_rolled_back_to_its_savepoint(tmp_path: Path) -> None:
+def test_a_failing_write_is_rolled_back_to_its_savepoint(store: SqlStore) -> None:
     """A write that changed rows and then raised loses its changes only: the writes before
     and after it in the batch are committed."""
-    conns = open_connections(tmp_path / "items.sqlite3")
+    first, middle, last = (create(store) for _ in range(3))
 
-    def insert(text: str) -> Callable[[sqlite3.Connection], None]:
-        return lambda connection: connection.execute("INSERT INTO items (text) VALUES (?)", (text,))
+    def retitle(conversation_id: str, title: str, fail: bool = False) -> Callable[..., None]:
+        def work(connection: Any) -> None:
+            sql = "UPDATE conversations SET title = ? WHERE id = ?"
+            connection.execute(sql, (title, conversation_id))
+            if fail:
+                raise LookupError("after a change")
 
-    def half(connection: sqlite3.Connection) -> None:
-        connection.execute("INSERT INTO items (text) VALUES ('half')")
-        raise LookupError("after a change")
+        return work
 
-    with closing(conns), ThreadPoolExecutor(max_workers=3) as pool:
-        with conns.locked_writer():
-            futures = [pool.submit(conns.submit, work) for work in (insert("a"), half, insert("b"))]
-            wait_until(lambda: conns.waiting_writes() == 3)
-        with pytest.raises(LookupError, match="after a change"):
-            futures[1].result(timeout=HANG)
-        results([futures[0], futures[2]])
-        with conns.read() as connection:
-            texts = [row[0] for row in connection.execute("SELECT text FROM items ORDER BY id")]
-        assert texts == ["a", "b"]
+    works = (retitle(first, "a"), retitle(middle, "half", fail=True), retitle(last, "b"))
+    with one_batch(store, 3) as pool:
+        futures = [pool.submit(store._db.submit, work) for work in works]
+    with pytest.raises(LookupError, match="after a change"):
+        futures[1].result(timeout=HANG)
+    results([futures[0], futures[2]])
+    with store._read() as connection:
+        titles = [store._conversation(connection, c).title for c in (first, middle, last)]
+    assert titles == ["a", "t", "b"]
 
 
 def test_a_write_whose_savepoint_cannot_be_undone_fails_alone(tmp_path: Path) -> None:
@@ -167,7 +177,7 @@ def test_a_write_whose_savepoint_cannot_be_undone_fails_alone(tmp_path: Path) ->
         assert conns.health().ok
 
 
-def test_listeners_see_commit_order(store: SqliteStore) -> None:
+def test_listeners_see_commit_order(store: SqlStore) -> None:
     """Many threads appending to few conversations: the listener calls, concatenated,
     hold every event once, each conversation's seqs exactly 1..N in order."""
     conversations = [create(store) for _ in range(3)]
@@ -190,11 +200,10 @@ def test_listeners_see_commit_order(store: SqliteStore) -> None:
         assert seqs(store, conversation_id)[-1] == len(got)
 
 
-def test_acknowledged_writes_survive_reopening(tmp_path: Path) -> None:
-    """Every append acknowledged to any of many threads is in the file after the store is
-    closed and opened again, with no gap in any conversation."""
-    path = tmp_path / "trellis.sqlite3"
-    store = SqliteStore(path)
+def test_acknowledged_writes_survive_reopening(store_opener: Callable[..., SqlStore]) -> None:
+    """Every append acknowledged to any of many threads is in the database after the store
+    is closed and opened again, with no gap in any conversation."""
+    store = store_opener()
     conversations = [create(store) for _ in range(10)]
     acked: list[tuple[str, int]] = []
 
@@ -205,13 +214,10 @@ def test_acknowledged_writes_survive_reopening(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=20) as pool:
         results([pool.submit(append_many, conversations[n % 10]) for n in range(20)])
     store.close()
-    reopened = SqliteStore(path)
-    try:
-        for conversation_id in conversations:
-            mine = sorted(seq for c, seq in acked if c == conversation_id)
-            assert mine == list(range(1, 61)) == seqs(reopened, conversation_id)
-    finally:
-        reopened.close()
+    reopened = store_opener()
+    for conversation_id in conversations:
+        mine = sorted(seq for c, seq in acked if c == conversation_id)
+        assert mine == list(range(1, 61)) == seqs(reopened, conversation_id)
 
 
 # -- storage faults ----------------------------------------------------------------------
@@ -324,21 +330,18 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
 # -- the baseline switch -----------------------------------------------------------------
 
 
-def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:
+def test_without_group_commit_each_write_commits_alone(
+    store_opener: Callable[..., SqlStore],
+) -> None:
     """``group_commit=False`` (the benchmark's baseline): waiting appends commit one
     transaction each."""
-    store = SqliteStore(tmp_path / "trellis.sqlite3", group_commit=False)
-    try:
-        conversation_id = create(store)
-        calls = listen(store)
-        writers = [
-            threading.Thread(target=say, args=(store, conversation_id, "x")) for _ in range(4)
-        ]
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join(timeout=HANG)
-        assert [len(call) for call in calls] == [1, 1, 1, 1]
-        assert seqs(store, conversation_id) == [1, 2, 3, 4]
-    finally:
-        store.close()
+    store = store_opener(group_commit=False)
+    conversation_id = create(store)
+    calls = listen(store)
+    writers = [threading.Thread(target=say, args=(store, conversation_id, "x")) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=HANG)
+    assert [len(call) for call in calls] == [1, 1, 1, 1]
+    assert seqs(store, conversation_id) == [1, 2, 3, 4]

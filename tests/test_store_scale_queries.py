@@ -1,7 +1,9 @@
 """The ``q`` filter's text index (schema v5: ``events_text``, FTS5 trigram) and its migration.
 
 Search and count must answer exactly what a plain scan answers: every case is compared
-with a reference computed in Python over the same events.
+with a reference computed in Python over the same events — on each engine (``any_store``,
+``tests/store_kinds.py``; PostgreSQL's ``pg_trgm`` index has no batches, so the splits of
+index and tail are SQLite's). The index's own rows and the v5 migration are SQLite's.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import pytest
 from app.events import ActionPayload, MessagePayload, Payload, Source, StatusPayload
 from app.lifecycle import Status
 from app.store import EventQuery, NewConversation, SqliteStore
-from app.store.appends import TEXT_INDEX_EVERY
 from app.store.base import Order
 from app.store.schema import SCHEMA_VERSION
+from app.store.sql_store import SqlStore
+from app.store.text_search import TEXT_INDEX_EVERY
+from tests.store_kinds import any_store_fixture, open_store
+
+any_store = any_store_fixture("any_store")
 
 TEXTS = [
     "Hello World",
@@ -32,12 +38,12 @@ TEXTS = [
 ]
 
 
-def create(store: SqliteStore) -> str:
+def create(store: SqlStore) -> str:
     agent = {"kind": "script", "steps": []}
     return store.create_conversation(NewConversation(agent, "t", 5))[0].id
 
 
-def fill(store: SqliteStore, conversation_id: str) -> list[tuple[int, str, str]]:
+def fill(store: SqlStore, conversation_id: str) -> list[tuple[int, str, str]]:
     """Append varied events; returns (seq, kind, text) of each, as the q filter sees it."""
     log = []
     for n, text in enumerate(TEXTS * 3):
@@ -102,14 +108,28 @@ def index_up_to(path: Path, conversation_id: str, seq: int) -> None:
         )
 
 
-@pytest.mark.parametrize("indexed", ["none", "half", "all"])
+#: Where each engine's events are when searched: SQLite's in the text index, in the tail
+#: outside it, or split; PostgreSQL's trigram index has no batches.
+PLACES = [
+    *(pytest.param("sqlite", where, id=f"sqlite-{where}") for where in ("none", "half", "all")),
+    pytest.param("postgres", "none", id="postgres"),
+]
+
+
+@pytest.mark.parametrize(("kind", "indexed"), PLACES)
 @pytest.mark.parametrize("fields", QUERIES, ids=[str(q) for q in QUERIES])
 def test_q_search_and_count_match_a_scan(
-    store: SqliteStore, fields: dict[str, Any], indexed: str
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    kind: str,
+    indexed: str,
+    fields: dict[str, Any],
 ) -> None:
     """Search pages and counts with q (alone and with kind/seq bounds/order) or seq bounds
     alone equal the reference scan, and another conversation's events never show up —
     whether the events are in the text index, in the tail outside it, or split."""
+    store = open_store(request, kind, tmp_path)
+    request.addfinalizer(store.close)
     other = create(store)
     fill(store, other)
     conversation_id = create(store)
@@ -134,17 +154,19 @@ def test_q_search_and_count_match_a_scan(
     assert store.count_events(conversation_id, query) == len(expected)
 
 
-def test_q_folds_case_beyond_ascii(store: SqliteStore) -> None:
+def test_q_folds_case_beyond_ascii(any_store: SqlStore) -> None:
     """With the index (3+ characters), case folding covers non-ASCII letters too."""
+    store = any_store
     conversation_id = create(store)
     store.append_event(conversation_id, None, Source.USER, MessagePayload(text="ÉTÉ À PARIS"))
     assert store.count_events(conversation_id, EventQuery(q="été")) == 1
     assert store.count_events(conversation_id, EventQuery(q="à paris")) == 1
 
 
-def test_q_finds_text_after_a_nul(store: SqliteStore) -> None:
+def test_q_finds_text_after_a_nul(any_store: SqlStore) -> None:
     """A NUL in an event's text (it would end the string for FTS5) hides nothing after it,
     and a q holding a NUL matches it, as the scan did before the index."""
+    store = any_store
     conversation_id = create(store)
     text = "before\x00after the nul"
     store.append_event(conversation_id, None, Source.USER, MessagePayload(text=text))

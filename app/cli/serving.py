@@ -13,8 +13,10 @@ On the way up, in this order, so that a server that cannot run touches nothing:
    same directory fails here, before the database is opened — its crash recovery would
    otherwise pause the live server's runs. It is created ``0700`` and ``chmod``-ed so:
    only the server's user may enter it (the database, the workspaces, the lock);
-2. open the store (in a thread, on a limiter of its own): an unwritable directory or a
-   database that cannot be opened fails here, as one line;
+2. with ``database_url``, claim the PostgreSQL database (``app/store/database_claim.py``:
+   one server per database, for the same reason); then open the store (in a thread, on a
+   limiter of its own): an unwritable directory or a database that cannot be opened (or is
+   claimed) fails here, as one line;
 3. choose the sandbox (:mod:`app.tools.sandbox`; ``auto`` probes bubblewrap once and logs
    a warning when it falls back to ``none``; an explicit ``bwrap`` that does not work is
    a one-line :class:`~app.tools.sandbox.SandboxUnavailable`);
@@ -44,12 +46,10 @@ import gc
 import logging
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import hypercorn.trio
@@ -60,7 +60,7 @@ from quart_trio import QuartTrio
 from app.agents.registry import AgentRegistry
 from app.settings import Settings
 from app.store.lock import DataDirError, DataDirLock
-from app.store.sqlite import SqliteStore
+from app.store.opening import claim_database, open_store
 from app.supervisor import RunSupervisor
 from app.threads import apply_thread_settings
 from app.tools import sandbox
@@ -94,8 +94,10 @@ async def serve(
     startup = trio.CapacityLimiter(1)  # blocking start-up I/O, never on Trio's default limiter
     lock = DataDirLock(settings.data_dir)
     await trio.to_thread.run_sync(claim_private_dir, lock, limiter=startup)
+    claim = None
     try:
-        store = await trio.to_thread.run_sync(open_store, settings.database_path, limiter=startup)
+        claim = await trio.to_thread.run_sync(claim_database, settings, limiter=startup)
+        store = await trio.to_thread.run_sync(open_store, settings, limiter=startup)
         try:
             mode = await trio.to_thread.run_sync(
                 partial(sandbox.resolve, settings.sandbox, network=settings.sandbox_network),
@@ -108,6 +110,8 @@ async def serve(
             with trio.CancelScope(shield=True):  # closing is quick; a cancel must not skip it
                 await trio.to_thread.run_sync(store.close, limiter=startup)
     finally:
+        if claim is not None:
+            claim.release()
         lock.release()
 
 
@@ -140,14 +144,6 @@ def claim_private_dir(lock: DataDirLock) -> None:
         raise DataDirError(
             f"cannot make data directory {lock.data_dir} private (chmod 0700): {exc.strerror}"
         ) from None
-
-
-def open_store(path: Path) -> SqliteStore:
-    """Open (or create) the database; any failure is a one-line :class:`DataDirError`."""
-    try:
-        return SqliteStore(path)
-    except (OSError, sqlite3.Error) as exc:
-        raise DataDirError(f"cannot open the database {path}: {exc}") from None
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

@@ -1,4 +1,5 @@
-"""Storage: the :class:`EventStore` protocol and its embedded SQLite implementation."""
+"""Storage: the :class:`EventStore` protocol and its implementations, one logic
+(:class:`SqlStore`) on two engines: an embedded SQLite file, or a PostgreSQL database."""
 
 from app.store.base import (
     ConversationPage,
@@ -9,6 +10,8 @@ from app.store.base import (
     Order,
 )
 from app.store.faults import StoreUnavailable
+from app.store.postgres import PostgresStore
+from app.store.sql_store import SqlStore
 from app.store.sqlite import SqliteStore
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "EventStore",
     "NewConversation",
     "Order",
+    "PostgresStore",
+    "SqlStore",
     "SqliteStore",
     "StoreUnavailable",
 ]

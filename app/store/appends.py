@@ -5,14 +5,13 @@ in one transaction, so the part done there — under the write lock, in the lead
 is kept to the two statements that must see the transaction (the next ``seq``, the insert)
 and the event record. Everything else (the payload's JSON, its searchable text, the event
 id, the status and token columns) is computed before queueing, in :meth:`NewEvent.of`, by
-the appending thread. The text index (``events_text``, see ``app/store/schema.py``) gets a
-conversation's events in batches: the append that leaves :data:`TEXT_INDEX_EVERY` of them
-unindexed adds them all in one statement.
+the appending thread. What the ``q`` filter's index needs after an insert is the engine's
+(:meth:`~app.store.engine.TextSearch.after_append`: SQLite indexes a conversation's events
+in batches, ``app/store/text_search.py``; PostgreSQL's index needs nothing).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from app.events import (
     searchable_text,
     utc_now,
 )
+from app.store.engine import Connection, TextSearch
 from app.store.schema import searchable
 
 _BUMP_CONVERSATION = (
@@ -33,14 +33,6 @@ _BUMP_CONVERSATION = (
     " prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?"
     " WHERE id = ? RETURNING last_seq, indexed_seq, n"
 )
-_INDEX_TAIL = (
-    "INSERT INTO events_text (rowid, text) SELECT ? << 32 | seq, text FROM events"
-    " WHERE conversation_id = ? AND seq > ?"
-)
-
-#: A conversation's newest events, fewer than this, wait outside the text index (a search
-#: with ``q`` scans them); one FTS5 insert per event would write an index segment each.
-TEXT_INDEX_EVERY = 256
 _INSERT_EVENT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
@@ -87,9 +79,13 @@ class NewEvent:
         )
 
 
-def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
+def insert_event(conn: Connection, new: NewEvent, text: TextSearch) -> Event | None:
     """Give ``new`` the conversation's next ``seq`` and insert it (write transaction open);
-    ``None`` when the conversation does not exist (nothing changed)."""
+    ``None`` when the conversation does not exist (nothing changed).
+
+    The ``seq`` comes from the conversation's row (``UPDATE … RETURNING``), which the
+    transaction then holds locked until it ends: other writers — other threads' batches,
+    other processes on the same PostgreSQL database — wait for it, and get the next one."""
     now = utc_now()
     timestamp = now.isoformat()
     row = conn.execute(
@@ -113,8 +109,7 @@ def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
             new.text,
         ),
     )
-    if seq - indexed_seq >= TEXT_INDEX_EVERY:
-        index_text(conn, new.conversation_id, number, indexed_seq)
+    text.after_append(conn, new.conversation_id, number, seq, indexed_seq)
     # Built without re-validation: every field was produced or validated here.
     return Event.model_construct(
         id=new.id,
@@ -125,10 +120,3 @@ def insert_event(conn: sqlite3.Connection, new: NewEvent) -> Event | None:
         source=new.source,
         payload=new.payload,
     )
-
-
-def index_text(conn: sqlite3.Connection, conversation_id: str, number: int, after: int) -> None:
-    """Add the conversation's events after seq ``after`` to the text index (one statement;
-    ``number``: the conversation's ``n``) and mark them indexed."""
-    conn.execute(_INDEX_TAIL, (number, conversation_id, after))
-    conn.execute("UPDATE conversations SET indexed_seq = last_seq WHERE id = ?", (conversation_id,))

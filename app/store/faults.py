@@ -9,7 +9,7 @@ someone fixes the machine. Those become one typed error, and a health record tha
 readiness reports::
 
     TrellisError (app.errors)
-    └── StoreUnavailable          503 store_unavailable   (chains the sqlite3/OS error)
+    └── StoreUnavailable          503 store_unavailable   (chains the sqlite3/OS/psycopg error)
 
 Which errors are storage errors: SQLite's primary result codes ``SQLITE_FULL``,
 ``SQLITE_IOERR`` (with all its extended codes, e.g. ``SQLITE_IOERR_WRITE`` for ``EROFS``)
@@ -17,6 +17,10 @@ and ``SQLITE_READONLY``; for errors without a code, their messages; and ``OSErro
 ``ENOSPC``, ``EDQUOT``, ``EROFS`` or ``EIO``. Nothing else: ``SQLITE_BUSY`` (another
 process holds the lock) or ``SQLITE_CORRUPT`` are not fixed by freeing space, and are
 reported as what they are.
+
+The functions here are SQLite's; PostgreSQL's storage errors (the server unreachable, the
+connection lost, the server shutting down) are told apart in ``app/store/postgres.py``.
+Both engines record failures in the same :class:`StoreHealth`.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ _STORAGE_MESSAGES = ("database or disk is full", "disk i/o error", "readonly dat
 
 
 class StoreUnavailable(TrellisError):
-    """The store could not write: disk full, I/O error or read-only filesystem.
+    """The store could not write: disk full, I/O error or read-only filesystem (SQLite);
+    the database server unreachable or the connection lost (PostgreSQL).
 
-    Nothing of the failed write was saved (it was rolled back). Reads keep working; writes
-    work again, without a restart, once the cause is fixed. ``__cause__`` is the original
-    ``sqlite3`` or ``OSError``; ``detail["sqlite_error"]`` its SQLite code name, if any.
+    Nothing of the failed write was saved (it was rolled back). Writes work again, without
+    a restart, once the cause is fixed. ``__cause__`` is the original ``sqlite3``,
+    ``OSError`` or ``psycopg`` error; ``detail["sqlite_error"]`` its SQLite code name, if
+    any (``detail["sqlstate"]`` PostgreSQL's code, if any).
     """
 
     status = 503
@@ -99,10 +105,10 @@ class StoreHealth:
     def ok(self) -> bool:
         return self.error is None
 
-    def after_failure(self, error: BaseException, now: datetime) -> StoreHealth:
-        """The record once one more write failed with the storage error ``error``."""
+    def after_failure(self, error: str, now: datetime) -> StoreHealth:
+        """The record once one more write failed with a storage error (described)."""
         return StoreHealth(
-            error=describe(error),
+            error=error,
             failures=self.failures + 1,
             failing_since=self.failing_since or now,
             last_failure_at=now,

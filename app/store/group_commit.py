@@ -13,12 +13,13 @@ What each caller is told, and when: only after the ``COMMIT`` that holds its wri
 is rolled back to its savepoint alone and its caller gets its own error; the rest of the
 batch commits. A storage error (disk full, I/O error, read-only) anywhere — in a write or at
 ``COMMIT`` — fails every write of the batch with its own
-:class:`~app.store.faults.StoreUnavailable` (SQLite may have rolled the whole transaction
+:class:`~app.store.faults.StoreUnavailable` (the database may have rolled the whole transaction
 back, and the next write would fail alike). Any other failure of the transaction itself
 (``ROLLBACK TO`` refused, a busy or interrupted ``COMMIT``) goes to the write that was
 running, or to every write when none was; the writes it did not belong to are run again in
 a fresh transaction (their functions only touch the connection, so a rolled-back attempt
-left nothing).
+left nothing). A batch that lost a conflict with another process's transaction (PostgreSQL
+broke a deadlock by aborting it) runs again whole, a few times, before its writes fail.
 
 Cancellation: none inside — a write that started runs to its outcome; callers block in a
 worker thread, as for every store call.
@@ -27,12 +28,12 @@ worker thread, as for every store call.
 from __future__ import annotations
 
 import copy
-import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from app.store.faults import StoreUnavailable, is_storage_error, store_unavailable
+from app.store.engine import Connection, Engine
+from app.store.faults import StoreUnavailable
 
 R = TypeVar("R")
 
@@ -44,12 +45,12 @@ class PendingWrite(Generic[R]):
     """One write: ``work(connection)``, then its outcome, set once by the leader.
 
     ``work`` must only change the database through the connection it is given (it may run
-    again after a rolled-back attempt) and must not block on anything but SQLite.
+    again after a rolled-back attempt) and must not block on anything but the database.
     """
 
     __slots__ = ("_error", "_result", "_wake", "done", "work")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], R]) -> None:
+    def __init__(self, work: Callable[[Connection], R]) -> None:
         self.work = work
         self.done = False  # set by the leader, with the write lock held
         self._result: R | None = None
@@ -64,12 +65,13 @@ class PendingWrite(Generic[R]):
     def wake(self) -> None:
         self._wake.release()
 
-    def run(self, connection: sqlite3.Connection, *, alone: bool) -> None:
+    def run(self, connection: Connection, *, alone: bool, engine: Engine) -> None:
         """Run the work inside the open transaction; alone, without a savepoint.
 
         Errors: the work's own error propagates when ``alone`` (the caller rolls the
-        transaction back), or when it is a storage error or SQLite ended the transaction
-        (the batch fails); otherwise it is kept for this write's caller and only this
+        transaction back), or when it is a storage error, a lost conflict with another
+        writer (the batch runs again), or the database ended the transaction (the batch
+        fails); otherwise it is kept for this write's caller and only this
         write is rolled back. When ``ROLLBACK TO`` fails, the work's error propagates.
         """
         self._error = None
@@ -80,9 +82,13 @@ class PendingWrite(Generic[R]):
         try:
             self._result = self.work(connection)
         except Exception as error:
-            if not connection.in_transaction or is_storage_error(error):
+            if (
+                not connection.in_transaction
+                or engine.is_storage_error(error)
+                or engine.is_conflict(error)
+            ):
                 raise
-            _roll_back_savepoint(connection, error)
+            _roll_back_savepoint(connection, error, engine)
             self._result, self._error = None, error
         connection.execute(f"RELEASE {_SAVEPOINT}")
 
@@ -103,13 +109,13 @@ class PendingWrite(Generic[R]):
         return self._result  # type: ignore[return-value]  # set by run() when no error
 
 
-def _roll_back_savepoint(connection: sqlite3.Connection, error: Exception) -> None:
+def _roll_back_savepoint(connection: Connection, error: Exception, engine: Engine) -> None:
     """Undo the failed write alone; if even that fails, ``error`` (noted) fails the batch:
     the transaction is rolled back whole and the other writes run again."""
     try:
         connection.execute(f"ROLLBACK TO {_SAVEPOINT}")
         return
-    except sqlite3.Error as rollback_error:
+    except engine.error as rollback_error:
         error.add_note(f"ROLLBACK TO the write's savepoint failed too ({rollback_error})")
     raise error
 
@@ -175,13 +181,12 @@ class GroupCommit:
 
 def shared_error(error: BaseException) -> BaseException:
     """The error to give a write whose batch failed because of ``error``, which was not its
-    own: a fresh :class:`StoreUnavailable` for a storage error, else a noted copy (each
-    caller raises its own exception object, from its own thread)."""
-    if isinstance(error, StoreUnavailable) and error.__cause__ is not None:
-        fresh: BaseException = store_unavailable(error.__cause__)
+    own: a copy of a :class:`StoreUnavailable` (the store's state, not this write's), else
+    a noted copy (each caller raises its own exception object, from its own thread)."""
+    fresh = copy.copy(error)
+    if isinstance(error, StoreUnavailable):
         fresh.__cause__ = error.__cause__
         return fresh
-    fresh = copy.copy(error)
     fresh.__cause__ = error.__cause__
     fresh.__notes__ = [
         *getattr(error, "__notes__", []),

@@ -22,7 +22,6 @@ key just before it is looked up), so an expired key is a new key.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,6 +29,7 @@ from typing import Generic, TypeVar
 
 from app.errors import IdempotencyKeyReused
 from app.events import utc_now
+from app.store.engine import Connection
 
 R = TypeVar("R")
 
@@ -86,7 +86,7 @@ def client_key(stored: str) -> str:
     return stored.rpartition(SCOPE_SEPARATOR)[2]
 
 
-def check_key(conn: sqlite3.Connection, key: str, request_hash: str) -> str | None:
+def check_key(conn: Connection, key: str, request_hash: str) -> str | None:
     """Before a keyed write (write lock held): the conversation the key created, if the
     key was used for this request without a stored answer; ``None`` for a new key.
 
@@ -113,7 +113,7 @@ def check_key(conn: sqlite3.Connection, key: str, request_hash: str) -> str | No
 
 
 def save_key(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     request_hash: str,
     conversation_id: str,
@@ -134,7 +134,7 @@ def key_cutoff(retention_hours: float) -> str:
     return (utc_now() - timedelta(hours=retention_hours)).isoformat()
 
 
-def purge_keys(conn: sqlite3.Connection, created_before: str, key: str | None = None) -> int:
+def purge_keys(conn: Connection, created_before: str, key: str | None = None) -> int:
     """Delete the keys created before ``created_before`` (ISO 8601, UTC), or only ``key``
     if it is that old; how many were deleted. The conversations they created stay."""
     if key is None:

@@ -13,10 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -35,7 +31,7 @@ from app.records import (
     Webhook,
 )
 from app.store.base import ConversationPage, EventQuery, Order
-from app.store.schema import TEXT_ROWID_BITS, searchable
+from app.store.engine import Connection, Dialect, TextSearch
 
 log = logging.getLogger("trellis.store")
 
@@ -62,11 +58,9 @@ _CONVERSATION_SELECT = (
 )
 
 
-def conversation_row(conn: sqlite3.Connection, conversation_id: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
-        _CONVERSATION_SELECT + " WHERE c.id = ?", (conversation_id,)
-    ).fetchone()
-    return row
+def conversation_row(conn: Connection, conversation_id: str) -> Any:
+    """The conversation's row with its current run's columns, or ``None``."""
+    return conn.execute(_CONVERSATION_SELECT + " WHERE c.id = ?", (conversation_id,)).fetchone()
 
 
 #: A page of the conversation list stops before its JSON would pass this many bytes (the
@@ -81,12 +75,12 @@ _KIND_CHARS = 100
 # item may add to its summary's size: a comma, and a live queue position instead of null.
 _PAGE_ENVELOPE_BYTES, _ITEM_EXTRA_BYTES = 64, 8
 
-# The summary of a conversation, in one row: the spec's kind without loading the spec (a
-# spec that is not JSON gives NULL), long texts cut in SQL. Run columns are prefixed "run_".
+# The summary of a conversation, in one row: the spec's kind without loading the spec (the
+# dialect's expression on c.agent; a spec that is not JSON gives NULL), long texts cut in
+# SQL. Run columns are prefixed "run_".
 _SUMMARY_SELECT = (
     f"SELECT c.n, c.id, c.tenant, substr(c.title, 1, {_TITLE_CHARS}) AS title, c.status,"
-    f" CASE WHEN json_valid(c.agent)"
-    f" THEN substr(json_extract(c.agent, '$.kind'), 1, {_KIND_CHARS}) END AS agent_kind,"
+    " {agent_kind} AS agent_kind,"
     " c.max_iterations, c.workspace, c.created_at, c.updated_at, c.last_seq,"
     " c.prompt_tokens, c.completion_tokens, "
     + ", ".join(
@@ -98,14 +92,23 @@ _SUMMARY_SELECT = (
     + " FROM conversations AS c LEFT JOIN runs AS r ON r.id = c.current_run_id"
 )
 
+#: The summary's agent kind in SQLite: ``json_extract`` where ``c.agent`` is JSON.
+SQLITE_AGENT_KIND = (
+    f"CASE WHEN json_valid(c.agent) THEN substr(json_extract(c.agent, '$.kind'), 1, {_KIND_CHARS})"
+    " END"
+)
+#: The same in PostgreSQL (``trellis_agent_kind``: ``app/store/pg_schema.py``).
+POSTGRES_AGENT_KIND = f"substr(trellis_agent_kind(c.agent), 1, {_KIND_CHARS})"
+
 
 def list_summaries(
-    conn: sqlite3.Connection,
+    conn: Connection,
+    dialect: Dialect,
     status: Status | None,
     limit: int,
     before_n: int | None,
     tenant: str | None = None,
-) -> list[sqlite3.Row]:
+) -> list[Any]:
     """Up to ``limit`` summary rows, newest first, older than row ``before_n``; only the
     conversations of ``tenant`` when given (index ``conversations_by_tenant``).
 
@@ -124,12 +127,13 @@ def list_summaries(
         clauses.append("c.n < ?")
         params.append(before_n)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"{_SUMMARY_SELECT}{where} ORDER BY c.n DESC LIMIT ?"
-    with _lenient_text(conn):
+    select = _SUMMARY_SELECT.format(agent_kind=dialect.agent_kind)
+    sql = f"{select}{where} ORDER BY c.n DESC LIMIT ?"
+    with dialect.lenient_text(conn):
         return conn.execute(sql, (*params, limit)).fetchall()
 
 
-def summary_page(rows: list[sqlite3.Row], limit: int) -> ConversationPage:
+def summary_page(rows: list[Any], limit: int) -> ConversationPage:
     """The first ``limit`` rows as list items, cut short before :data:`MAX_LIST_PAGE_BYTES`
     (never before the first item); ``rows`` holds one more row when there is a next page."""
     items: list[ConversationListItem] = []
@@ -144,7 +148,7 @@ def summary_page(rows: list[sqlite3.Row], limit: int) -> ConversationPage:
     return ConversationPage(items, next_cursor)
 
 
-def summary_from_row(row: sqlite3.Row) -> ConversationListItem:
+def summary_from_row(row: Any) -> ConversationListItem:
     """The row's summary, or, if the row cannot be rendered, its stub (and a log line)."""
     try:
         return ConversationSummary(
@@ -173,21 +177,6 @@ def _what_is_wrong(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-@contextmanager
-def _lenient_text(conn: sqlite3.Connection) -> Iterator[None]:
-    """Decode TEXT values with replacement characters on this (borrowed) connection."""
-    previous = conn.text_factory
-    conn.text_factory = _decode_lenient
-    try:
-        yield
-    finally:
-        conn.text_factory = previous
-
-
-def _decode_lenient(value: bytes) -> str:
-    return value.decode("utf-8", "replace")
-
-
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
@@ -199,7 +188,7 @@ def parse_cursor(cursor: str | None) -> int | None:
     return int(cursor)
 
 
-def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
+def conversation_from_row(row: Any) -> ConversationRecord:
     webhook = row["webhook"]
     return ConversationRecord(
         **_conversation_fields(row, _run_of(row)),
@@ -208,7 +197,7 @@ def conversation_from_row(row: sqlite3.Row) -> ConversationRecord:
     )
 
 
-def _conversation_fields(row: sqlite3.Row, run: RunRecord | None) -> dict[str, Any]:
+def _conversation_fields(row: Any, run: RunRecord | None) -> dict[str, Any]:
     """The fields a conversation's record and its summary share."""
     return {
         "id": row["id"],
@@ -227,7 +216,7 @@ def _conversation_fields(row: sqlite3.Row, run: RunRecord | None) -> dict[str, A
     }
 
 
-def _run_of(row: sqlite3.Row, *, error_chars: int | None = None) -> RunRecord | None:
+def _run_of(row: Any, *, error_chars: int | None = None) -> RunRecord | None:
     """The current run from the ``run_`` columns; its error cut to ``error_chars``."""
     if row["run_id"] is None:
         return None
@@ -238,13 +227,13 @@ def _run_of(row: sqlite3.Row, *, error_chars: int | None = None) -> RunRecord | 
     return RunRecord(conversation_id=row["id"], **fields)
 
 
-def run_from_row(row: sqlite3.Row) -> RunRecord:
+def run_from_row(row: Any) -> RunRecord:
     return RunRecord(
         conversation_id=row["conversation_id"], **{column: row[column] for column in _RUN_COLUMNS}
     )
 
 
-def event_from_row(row: sqlite3.Row) -> Event:
+def event_from_row(row: Any) -> Event:
     return Event(
         id=row["id"],
         conversation_id=row["conversation_id"],
@@ -256,16 +245,11 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-#: The shortest ``q`` the text index answers (a trigram); shorter ones scan the text.
-MIN_INDEXED_Q = 3
-_SEQ_MASK = (1 << TEXT_ROWID_BITS) - 1
-
-
-def _event_filters(
-    conversation_id: str, query: EventQuery, *, indexed_q: bool = False
+def event_filters(
+    conversation_id: str, query: EventQuery, text: TextSearch, *, indexed_q: bool = False
 ) -> tuple[str, list[Any]]:
     """The WHERE clause on ``events`` (aliased ``e``); with ``indexed_q`` it leaves ``q``
-    and the seq bounds to the text index (:func:`_text_match`)."""
+    and the seq bounds to the text index (``text.search``/``text.count``)."""
     clauses = ["e.conversation_id = ?"]
     params: list[Any] = [conversation_id]
     for column in ("kind", "source", "run_id"):
@@ -282,110 +266,32 @@ def _event_filters(
         clauses.append("e.seq < ?")
         params.append(query.before_seq)
     if query.q is not None:
-        # Substring match over the event's text (see app.events.searchable_text),
-        # case-insensitive for ASCII letters: only for q shorter than MIN_INDEXED_Q.
-        clauses.append("instr(lower(e.text), lower(?)) > 0")
-        params.append(searchable(query.q))
+        # Substring match over the event's text (see app.events.searchable_text).
+        clause, param = text.scan_clause(query.q)
+        clauses.append(clause)
+        params.append(param)
     return " AND ".join(clauses), params
 
 
-def _uses_text_index(query: EventQuery) -> bool:
-    return query.q is not None and len(query.q) >= MIN_INDEXED_Q
-
-
-@dataclass(frozen=True, slots=True)
-class _TextMatch:
-    """A ``q`` of 3+ characters, in two parts: the events in the text index (``MATCH`` over
-    the rowid range ``low..high``: the conversation's, seq bounds folded in) and the newer
-    ones, not indexed yet (seq in ``tail_after < seq < before``: a scan with
-    ``trellis_contains``)."""
-
-    phrase: str
-    base: int  # the conversation's rowid 0 (seq = rowid - base)
-    low: int
-    high: int
-    tail_after: int
-    before: int
-    q: str
-
-
-def _text_match(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> _TextMatch:
-    row = conn.execute(
-        "SELECT n, indexed_seq FROM conversations WHERE id = ?", (conversation_id,)
-    ).fetchone()
-    base = -1 if row is None else row[0] << TEXT_ROWID_BITS  # none: an empty range
-    indexed = 0 if row is None else row[1]
-    after = min(query.after_seq or 0, _SEQ_MASK)
-    before = min(query.before_seq or _SEQ_MASK + 1, _SEQ_MASK + 1)
-    q = searchable(query.q or "")
-    phrase = '"' + q.replace('"', '""') + '"'  # q as one string
-    return _TextMatch(
-        phrase,
-        base,
-        base + after + 1,
-        base + min(before - 1, indexed),
-        max(after, indexed),
-        before,
-        q,
-    )
-
-
-_INDEXED_PART = (
-    "SELECT e.* FROM events_text AS t CROSS JOIN events AS e ON e.seq = t.rowid - ? AND {where}"
-    " WHERE events_text MATCH ? AND t.rowid BETWEEN ? AND ?"
-)
-_TAIL_PART = (
-    "SELECT e.* FROM events AS e WHERE {where} AND e.seq > ? AND e.seq < ?"
-    " AND trellis_contains(e.text, ?)"
-)
-
-
 def search_events(
-    conn: sqlite3.Connection, conversation_id: str, query: EventQuery
-) -> list[sqlite3.Row]:
+    conn: Connection, conversation_id: str, query: EventQuery, text: TextSearch
+) -> list[Any]:
     """Up to ``limit + 1`` rows: the extra row tells the caller there is a next page.
 
-    A ``q`` of 3+ characters is answered by the text index, walked in ``seq`` order (the
-    other filters checked on each hit, so a page stops after ``limit + 1`` hits), merged
-    with a scan of the newest events, not indexed yet (fewer than ``TEXT_INDEX_EVERY``)."""
+    A ``q`` the engine's text index answers goes to it (``app/store/text_search.py``)."""
     direction = "ASC" if query.order is Order.ASC else "DESC"
-    if not _uses_text_index(query):
-        where, params = _event_filters(conversation_id, query)
-        sql = f"SELECT e.* FROM events AS e WHERE {where} ORDER BY e.seq {direction} LIMIT ?"
-        return conn.execute(sql, (*params, query.limit + 1)).fetchall()
-    match = _text_match(conn, conversation_id, query)
-    where, params = _event_filters(conversation_id, query, indexed_q=True)
-    indexed = _INDEXED_PART.format(where=where) + f" ORDER BY t.rowid {direction} LIMIT ?"
-    tail = _TAIL_PART.format(where=where) + f" ORDER BY e.seq {direction} LIMIT ?"
-    sql = (
-        f"SELECT * FROM ({indexed}) UNION ALL SELECT * FROM ({tail})"
-        f" ORDER BY seq {direction} LIMIT ?"
-    )
-    limit = query.limit + 1
-    return conn.execute(
-        sql,
-        (
-            match.base,
-            *params,
-            match.phrase,
-            match.low,
-            match.high,
-            limit,
-            *params,
-            match.tail_after,
-            match.before,
-            match.q,
-            limit,
-            limit,
-        ),
-    ).fetchall()
+    if text.uses_index(query):
+        return text.search(conn, conversation_id, query, direction)
+    where, params = event_filters(conversation_id, query, text)
+    sql = f"SELECT e.* FROM events AS e WHERE {where} ORDER BY e.seq {direction} LIMIT ?"
+    return conn.execute(sql, (*params, query.limit + 1)).fetchall()
 
 
-def count_events(conn: sqlite3.Connection, conversation_id: str, query: EventQuery) -> int:
-    """How many events match. A ``q`` of 3+ characters alone (with seq bounds) is counted
-    in the text index, plus a scan of the newest events not indexed yet; with other
-    filters each hit is checked in ``events``. With no filter but seq bounds the answer
-    is arithmetic: seqs are exactly ``1..last_seq``."""
+def count_events(
+    conn: Connection, conversation_id: str, query: EventQuery, text: TextSearch
+) -> int:
+    """How many events match. With no filter but seq bounds the answer is arithmetic:
+    seqs are exactly ``1..last_seq``. A ``q`` the text index answers is counted there."""
     if all(getattr(query, name) is None for name in ("kind", "source", "run_id", "q")):
         row = conn.execute(
             "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
@@ -393,19 +299,8 @@ def count_events(conn: sqlite3.Connection, conversation_id: str, query: EventQue
         last = 0 if row is None else int(row[0])
         below = last if query.before_seq is None else min(last, query.before_seq - 1)
         return max(0, below - (query.after_seq or 0))
-    if not _uses_text_index(query):
-        where, params = _event_filters(conversation_id, query)
-        sql = f"SELECT count(*) FROM events AS e WHERE {where}"
-        return int(conn.execute(sql, params).fetchone()[0])
-    match = _text_match(conn, conversation_id, query)
-    where, params = _event_filters(conversation_id, query, indexed_q=True)
-    tail_sql = "SELECT count(*) FROM (" + _TAIL_PART.format(where=where) + ")"
-    tail = conn.execute(tail_sql, (*params, match.tail_after, match.before, match.q))
-    in_tail = int(tail.fetchone()[0])
-    if len(params) == 1:  # the conversation only: the index alone counts the indexed part
-        sql = "SELECT count(*) FROM events_text WHERE events_text MATCH ? AND rowid BETWEEN ? AND ?"
-        row = conn.execute(sql, (match.phrase, match.low, match.high)).fetchone()
-        return int(row[0]) + in_tail
-    sql = "SELECT count(*) FROM (" + _INDEXED_PART.format(where=where) + ")"
-    row = conn.execute(sql, (match.base, *params, match.phrase, match.low, match.high)).fetchone()
-    return int(row[0]) + in_tail
+    if text.uses_index(query):
+        return text.count(conn, conversation_id, query)
+    where, params = event_filters(conversation_id, query, text)
+    sql = f"SELECT count(*) FROM events AS e WHERE {where}"
+    return int(conn.execute(sql, params).fetchone()[0])

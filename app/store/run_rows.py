@@ -1,6 +1,6 @@
 """The run side of a write transaction: insert, activate, transition, stop, progress.
 
-:class:`~app.store.sqlite.SqliteStore` opens every transaction; inside it, these methods
+:class:`~app.store.sql_store.SqlStore` opens every transaction; inside it, these methods
 change the ``runs`` rows and the conversation's status — always through the state machine
 (``app/lifecycle.py``) and always with the ``status`` event that records the change, which
 they append through the store (so the store sees every event its transaction appended and
@@ -11,7 +11,6 @@ Nothing here commits, and nothing here is thread-bound: the caller holds the wri
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 from app.errors import NotFound
@@ -20,14 +19,15 @@ from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, tra
 from app.records import ConversationRecord, RunRecord
 from app.store import queries
 from app.store.base import NewRun
+from app.store.engine import Connection
 
-#: Ids per ``IN (...)`` query: SQLite allows 32,766 parameters; smaller chunks keep each
-#: statement cheap to prepare.
+#: Ids per ``IN (...)`` query: SQLite allows 32,766 parameters (PostgreSQL 65,535);
+#: smaller chunks keep each statement cheap to prepare.
 IDS_PER_QUERY = 500
 
 #: ``append(conn, conversation_id, run_id, source, payload, current_run_id)``: the store's
 #: event insert (the next ``seq``; a status payload also sets the conversation's status).
-Append = Callable[[sqlite3.Connection, str, str | None, Source, Payload, str | None], Event]
+Append = Callable[[Connection, str, str | None, Source, Payload, str | None], Event]
 
 
 class RunRows:
@@ -41,15 +41,13 @@ class RunRows:
         self._touched = touched
         self._append = append
 
-    def run(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+    def run(self, conn: Connection, run_id: str) -> RunRecord:
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"no run with id {run_id}", detail={"run_id": run_id})
         return queries.run_from_row(row)
 
-    def insert(
-        self, conn: sqlite3.Connection, conversation: ConversationRecord, new: NewRun
-    ) -> RunRecord:
+    def insert(self, conn: Connection, conversation: ConversationRecord, new: NewRun) -> RunRecord:
         """A new ``queued`` run; activated (and started) as ``new`` says."""
         conn.execute(
             "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
@@ -63,7 +61,7 @@ class RunRows:
         return self.run(conn, new.run_id)
 
     def activate(
-        self, conn: sqlite3.Connection, conversation: ConversationRecord, run_id: str, reason: str
+        self, conn: Connection, conversation: ConversationRecord, run_id: str, reason: str
     ) -> Event:
         """Make the run the conversation's current run (conversation → ``queued``)."""
         status = transition(conversation.status, Trigger.ENQUEUE)
@@ -73,7 +71,7 @@ class RunRows:
 
     def transition(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         run_id: str,
         trigger: Trigger,
         reason: str,
@@ -115,7 +113,7 @@ class RunRows:
             )
         return queries.run_from_row(row)
 
-    def stop(self, conn: sqlite3.Connection, run_ids: list[str], reason: str) -> list[RunRecord]:
+    def stop(self, conn: Connection, run_ids: list[str], reason: str) -> list[RunRecord]:
         """``Trigger.STOP`` for every listed run still active, and for its conversation
         where it is the current run; ended or missing runs are skipped."""
         stopped: list[RunRecord] = []
@@ -126,7 +124,7 @@ class RunRows:
         return stopped
 
     def _stop_active(
-        self, conn: sqlite3.Connection, run_ids: list[str], reason: str, now: str
+        self, conn: Connection, run_ids: list[str], reason: str, now: str
     ) -> list[RunRecord]:
         """Stop the active runs among at most ``IDS_PER_QUERY`` ids (runs table only)."""
         marks = ", ".join("?" * len(run_ids))
@@ -145,9 +143,7 @@ class RunRows:
         ).fetchall()
         return [queries.run_from_row(row) for row in rows]
 
-    def _pause_conversations(
-        self, conn: sqlite3.Connection, stopped: list[RunRecord], reason: str
-    ) -> None:
+    def _pause_conversations(self, conn: Connection, stopped: list[RunRecord], reason: str) -> None:
         """``Trigger.STOP`` for the conversations whose current run was stopped, each with
         its status event — in conversation id order: neighbouring index pages make 10,000
         appends ~1.6x faster than in run order."""
@@ -172,7 +168,7 @@ class RunRows:
 
     def _set_conversation_status(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         conversation_id: str,
         previous: Status,
         run_id: str,
@@ -187,7 +183,7 @@ class RunRows:
         current_run_id = run_id if activate else None
         return self._append(conn, conversation_id, run_id, Source.SYSTEM, payload, current_run_id)
 
-    def save_progress(self, run_id: str, steps: int, state: str, conn: sqlite3.Connection) -> None:
+    def save_progress(self, run_id: str, steps: int, state: str, conn: Connection) -> None:
         """A completed step: the run's step count and the agent's state (JSON)."""
         row = conn.execute(
             "UPDATE runs SET steps = ? WHERE id = ? RETURNING conversation_id", (steps, run_id)

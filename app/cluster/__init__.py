@@ -1,0 +1,1 @@
+"""Several Trellis nodes on one PostgreSQL database: what they tell each other."""
