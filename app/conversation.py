@@ -10,9 +10,10 @@ Cancellation (cooperative — Python threads cannot be killed):
 
 * between steps the loop calls ``trio.from_thread.check_cancelled()``, which raises
   :class:`trio.Cancelled` once the run task was cancelled (interrupt, shutdown, delete);
-* inside a step, blocking waits go through the Trio side (:meth:`RunContext.sleep`,
-  :meth:`RunContext.call_async`, :meth:`RunContext.run_tools`) and are cancelled with the
-  run task at once — that is how interrupt takes effect mid-step;
+* inside a step, blocking waits go through the Trio side (:meth:`RunContext.call_async`,
+  :meth:`RunContext.run_tools`) and are cancelled with the run task at once — that is how
+  interrupt takes effect mid-step; :meth:`RunContext.sleep` sleeps in the thread itself,
+  and the stop wakes it directly (``app/stop_bell.py``);
 * pause is not a cancellation: a flag read at the next step boundary.
 
 The final status of a run that ends by itself (``finished``, ``error``, or ``paused`` at a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -44,6 +46,7 @@ from app.events import (
 from app.lifecycle import Trigger
 from app.live.feed import Delta
 from app.redact import redact
+from app.stop_bell import StopBell
 from app.store.base import EventQuery, EventStore
 from app.tools.base import ToolEnvironment, ToolResult
 from app.tools.calls import ToolCall, ToolRegistry, execute_calls
@@ -81,6 +84,8 @@ class RunControl:
     end_recorded: bool = False  # set by the run thread once its final status is committed
     ended_as: str | None = None  # "status/reason" of the end, for the run's log line
     steps: int = 0  # completed steps, for the log line
+    #: Rung by the stop (``RunHandle.stop``): ends the thread's :meth:`RunContext.sleep`.
+    bell: StopBell = field(default_factory=StopBell)
 
 
 @dataclass(eq=False)
@@ -126,7 +131,18 @@ class RunContext:
             self.publish_delta(Delta(self.conversation_id, self.run_id, text, self.last_seq))
 
     def sleep(self, seconds: float) -> None:
-        trio.from_thread.run(trio.sleep, seconds)
+        """Sleep in this thread; a stop rings the run's :class:`~app.stop_bell.StopBell`
+        and ``trio.Cancelled`` comes out at once (see ``app/stop_bell.py`` for why not on
+        the Trio side). Should the bell ring while Trio does not report the cancel (yet),
+        the rest of the sleep is slept on the Trio side, where the cancel cannot be missed.
+        """
+        self.check_cancelled()
+        began = time.monotonic()
+        if self.control.bell.wait(seconds):
+            self.check_cancelled()
+            rest = seconds - (time.monotonic() - began)
+            if rest > 0:
+                trio.from_thread.run(trio.sleep, rest)
 
     def call_async(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
         return trio.from_thread.run(afn, *args)

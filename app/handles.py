@@ -44,7 +44,8 @@ class RunHandle:
 
     Size: one exists per queued or running run (10,000 and more), so it has ``__slots__``
     (no per-instance ``__dict__``): 1,311 bytes a handle with its scopes and events,
-    measured with tracemalloc, against 1,360 with a ``__dict__``.
+    measured with tracemalloc, against 1,360 with a ``__dict__``. The stop bell in its
+    control and ``thread_hosted`` added 72 (10,000 bare handles: 1,201 → 1,273 bytes each).
     """
 
     run_id: str
@@ -57,20 +58,42 @@ class RunHandle:
     seated: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     holds_slot: bool = False
+    #: Set when the run's thread is handed to its host (``app/run_task.py``): from then on
+    #: a stop goes to the thread, not to the run task.
+    thread_hosted: bool = False
     #: The conversation's workspace (``app.workspaces.workspace_key``: its path under
     #: workspaces_path), once the run is recorded.
     workspace: str | None = None
 
     def stop(self, reason: str) -> None:
-        """Cancel the run (waiting or running); the first reason given is the one recorded."""
-        if self.control.stop_reason is None:
-            self.control.stop_reason = reason
-        self.cancel_scope.cancel()
-        self.thread_scope.cancel()
+        """Cancel the run (waiting or running); the first reason given is the one recorded.
+
+        A run whose thread is hosted already is stopped through its thread alone: the
+        thread scope is cancelled and the run's stop bell rung (a sleeping thread wakes at
+        once: ``app/stop_bell.py``); its task keeps waiting for the thread, undisturbed,
+        and records the stop when the thread returns. A run without a thread yet has its
+        task cancelled instead, wherever it waits. Only the first call does anything (a
+        drain of 10,000 runs cancels 10,000 scopes, not four times as many).
+        """
+        if self.cancel(reason):
+            self.control.bell.ring()  # after the cancel: the thread wakes up to see it
+
+    def cancel(self, reason: str) -> bool:
+        """:meth:`stop` without ringing the bell: a sleeping thread sleeps on until it is
+        rung. Returns whether this was the first stop."""
+        control = self.control
+        if control.stop_reason is not None:
+            return False
+        control.stop_reason = reason
+        if not self.thread_hosted:
+            self.cancel_scope.cancel()
+        self.thread_scope.cancel()  # registers the cancel for check_cancelled()
+        return True
 
     def abandon(self) -> None:
         """Stop waiting for the run's thread: its end is recorded without it (last resort)."""
         self.abandon_scope.cancel()
+        self.cancel_scope.cancel()  # its task may be waiting for the thread undisturbed
 
 
 class ActiveRuns:

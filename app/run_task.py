@@ -17,10 +17,11 @@ slot until the thread really returns.
 
 Cancellation:
     ``handle.cancel_scope`` covers the waiting; ``handle.thread_scope`` the thread (what its
-    ``check_cancelled`` and its calls into Trio see). ``handle.stop()`` cancels both. A run
-    cancelled while waiting never starts a thread. If the run task itself is cancelled
-    from outside (its nursery), it passes the stop on to the thread and waits for it,
-    shielded, until the thread returns or the run is abandoned.
+    ``check_cancelled`` and its calls into Trio see). ``handle.stop()`` cancels the first
+    while the run waits, the second (and rings the run's stop bell) once its thread is
+    hosted. A run cancelled while waiting never starts a thread. If the run task itself is
+    cancelled from outside (its nursery), it passes the stop on to the thread and waits for
+    it, shielded, until the thread returns or the run is abandoned.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -45,6 +46,7 @@ from app.metrics import Metrics
 from app.records import ConversationRecord
 from app.settings import Settings
 from app.slot_line import SlotLine
+from app.stop_bell import BellRinger
 from app.store.base import EventStore
 from app.tools.base import ToolEnvironment
 from app.tools.calls import ToolRegistry
@@ -75,6 +77,8 @@ class RunShared:
     on_step: StepListener | None = None
     #: Where runs publish their live text fragments (``StepContext.delta``); None: nowhere.
     feed: EventFeed | None = None
+    #: Wakes the sleeping threads of runs stopped together, a few chains at a time.
+    bells: BellRinger = field(default_factory=BellRinger)
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a short blocking call (a store call) in a thread on the I/O limiter."""
@@ -197,7 +201,9 @@ async def record_end(
 async def _record_end_if_missing(
     handle: RunHandle, failure: BaseException | None, shared: RunShared
 ) -> None:
-    control = handle.control
+    """:func:`record_end` unless the thread recorded the end. The caller shields it (no
+    second cancel scope per run: at a drain of thousands, each costs)."""
+    control, ends = handle.control, shared.ends
     if control.end_recorded:
         if failure is not None and not is_cancellation(failure):
             log.error("run %s failed after its end was recorded", handle.run_id, exc_info=failure)
@@ -205,12 +211,12 @@ async def _record_end_if_missing(
     if failure is None or is_cancellation(failure):
         reason = control.stop_reason or "shutdown"
         control.ended_as = f"paused/{reason}"
-        await record_end(handle, Trigger.STOP, reason, shared)
+        await ends.record(handle.run_id, Trigger.STOP, reason)
         return
     log.error("run %s failed outside its agent", handle.run_id, exc_info=failure)
     error = f"{type(failure).__name__}: {failure}"
     control.ended_as = "error/internal_error"
-    await record_end(handle, Trigger.FAIL, "internal_error", shared, error=error)
+    await ends.record(handle.run_id, Trigger.FAIL, "internal_error", error)
 
 
 async def _wait_for_turn(handle: RunHandle, shared: RunShared) -> None:
@@ -228,16 +234,20 @@ async def _run_thread(
 ) -> BaseException | None:
     """Start the run's thread (hosted by a system task) and wait for it to return.
 
-    Returns what the thread raised, if anything (``None`` when it returned normally).
+    Returns what the thread raised, if anything (``None`` when it returned normally, or
+    when the run was stopped: a stopped run is recorded ``paused`` with the stop's reason).
 
     Cancellation:
-        If this task is cancelled, the stop is passed on to the thread (``handle.stop``)
-        and the wait continues, shielded, until the thread returns — or until the
-        supervisor abandons the run (``handle.abandon()``), which is the only way this
+        A stop (``handle.stop``) goes to the thread alone once it is hosted: this task
+        waits on, undisturbed (a drain stops thousands of runs: one wake-up each, when the
+        thread has returned). If this task is cancelled from outside, the stop is passed on
+        to the thread and the wait continues, shielded, until the thread returns — or until
+        the supervisor abandons the run (``handle.abandon()``), which is the only way this
         function returns while the thread still runs.
     """
     returned = trio.Event()
     raised: list[BaseException] = []
+    handle.thread_hosted = True  # from now on, stops go to the thread
     trio.lowlevel.spawn_system_task(
         _host_thread, handle, ctx, shared, returned, raised, name=f"run-thread {handle.run_id}"
     )
@@ -248,7 +258,12 @@ async def _run_thread(
         with trio.CancelScope(shield=True), handle.abandon_scope:
             await returned.wait()
         raise
-    return raised[0] if raised else None
+    failure = raised[0] if raised else None
+    if failure is not None and handle.control.stop_reason is not None:
+        if not is_cancellation(failure):
+            log.warning("run %s: its thread failed after the stop", handle.run_id, exc_info=failure)
+        return None
+    return failure
 
 
 async def _host_thread(

@@ -13,6 +13,7 @@ import trio.testing
 from pydantic import BaseModel
 
 from app.agents.base import StepContext, StepResult, finish
+from app.end_ledger import EndLedger
 from app.handles import IfBusy
 from app.lifecycle import Status, Trigger
 from app.settings import Settings
@@ -408,3 +409,46 @@ async def test_delete_keeps_a_workspace_another_active_run_uses(
         assert marker.read_text() == "still here"
         assert (await supervisor.io(supervisor.store.get_conversation, owner.id)).id == owner.id
         gates.release_all()
+
+
+class StopCountingStore:
+    """A fake store that only records its ``stop_runs`` calls (the ledger's only write
+    for stops)."""
+
+    def __init__(self) -> None:
+        self.stop_calls: list[list[str]] = []
+
+    def stop_runs(self, run_ids: list[str], *, reason: str) -> list[Any]:
+        self.stop_calls.append(sorted(run_ids))
+        return []
+
+
+async def test_end_ledger_held_gathers_stops_into_one_transaction() -> None:
+    """While a drain holds the ledger (twice: holds nest), stops that arrive wait and
+    nothing is written; once every hold is released they are written in one
+    ``stop_runs`` call, and each ``record`` returns recorded."""
+    store = StopCountingStore()
+
+    async def write(call: Any) -> Any:
+        return call(store)
+
+    ledger = EndLedger(write)
+    ledger.hold()
+    ledger.hold()
+    recorded: list[bool] = []
+
+    async def record(run_id: str) -> None:
+        recorded.append(await ledger.record(run_id, Trigger.STOP, "shutdown"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+                nursery.start_soon(record, f"r{n}")
+            await trio.testing.wait_all_tasks_blocked()
+            ledger.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert (store.stop_calls, ledger.stop_writes, recorded) == ([], 0, [])
+            ledger.release()
+    assert store.stop_calls == [[f"r{n}" for n in range(5)]]
+    assert recorded == [True] * 5
+    assert len(ledger) == 0
