@@ -31,6 +31,10 @@ class RunRecord(BaseModel):
     finished_at: datetime | None
     steps: int
     error: str | None
+    #: The id of the node that claimed the run (``store.node_id`` of the process whose
+    #: supervisor admitted it; ``app/cluster/nodes.py``), on a store several nodes share
+    #: (PostgreSQL); always ``None`` on SQLite, where one process owns the database.
+    node: str | None = None
 
 
 class Usage(BaseModel):

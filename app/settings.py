@@ -264,6 +264,14 @@ class Settings(BaseModel):
         description="postgresql://user:password@host:port/db: the store on PostgreSQL, shared"
         " by several nodes; empty: SQLite in data_dir. Shown with its password masked.",
     )
+    node_lease_seconds: float = Field(
+        10.0,
+        ge=0.1,
+        le=3600,
+        description="With database_url: a node that has not heartbeaten for this long is"
+        " dead, and another node records its runs paused (crash_recovery). Nodes heartbeat"
+        " every third of it.",
+    )
 
     max_concurrent_runs: int = Field(
         10, ge=0, le=10_000, description="Run slots: runs executing at once; 0 holds the line."

@@ -52,6 +52,8 @@ import trio
 from app import workspaces
 from app.admission import Admission, AdmissionDesk
 from app.agents.registry import AgentRegistry, default_registry
+from app.cluster.node import ClusterNode
+from app.cluster.recovery import recover_dead_nodes
 from app.end_ledger import EndLedger
 from app.errors import Conflict, RunQueueFull, TenantQuotaExceeded, TrellisError
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
@@ -123,6 +125,10 @@ class RunSupervisor:
         self._stops = RunStops(self._shared, self._desk, self._board, self.live)
         self.metrics.collect_live(self)
         self._closing = trio.Event()
+        #: The URL this node serves on (:meth:`advertise`); "" without HTTP (embedded).
+        self.address = ""
+        #: Set (and replaced) by :meth:`advertise`: the node's lease writes it at once.
+        self.address_changed = trio.Event()
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -143,7 +149,11 @@ class RunSupervisor:
         For ``nursery.start``: reports started once runs can be admitted.
         """
         await self.io(workspaces.migrate_legacy_layout, self.settings.workspaces_path, self.store)
-        touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
+        if self.store.cluster_url is None:
+            touched = await self.io(self.store.recover_interrupted, reason="crash_recovery")
+        else:  # shared: only dead nodes' runs, never a live node's (app/cluster/recovery.py)
+            lease = self.settings.node_lease_seconds
+            touched = await self.io(recover_dead_nodes, self.store, self.store.cluster_url, lease)
         if touched:
             log.warning("crash recovery: %d conversation(s) paused", len(touched))
         await self._purge_expired_keys()
@@ -154,6 +164,8 @@ class RunSupervisor:
                 await nursery.start(self.webhooks.serve)
                 nursery.start_soon(self._shared.ends.retry_until_closed)
                 nursery.start_soon(self._purge_keys_hourly)
+                if self.store.cluster_url is not None:  # PostgreSQL: one node of several
+                    await nursery.start(ClusterNode(self, self.store.cluster_url).serve)
                 if self.settings.resume_on_start:
                     await self._resume(touched)
                 task_status.started(self)
@@ -262,6 +274,22 @@ class RunSupervisor:
     @property
     def draining(self) -> bool:
         return self._desk.draining
+
+    async def stand_down(self, reason: str) -> int:
+        """This node was declared dead by another (``app/cluster/nodes.py``): refuse new
+        runs (as draining) and stop every run, bounded as :meth:`drain`; streams and
+        webhooks stay until :meth:`aclose`. The ends are recorded only for runs still
+        active (``stop_runs``): those the other node recorded are not recorded again.
+        Returns how many runs were abandoned."""
+        self._desk.draining = True
+        return await self._stops.stop_all(reason, self.settings.shutdown_grace_seconds)
+
+    def advertise(self, url: str) -> None:
+        """Tell the supervisor the URL its server serves on (the ``address`` its node
+        shows in ``GET /api/cluster``); ``app/cli/serving.py`` calls it after binding."""
+        self.address = url
+        self.address_changed.set()
+        self.address_changed = trio.Event()
 
     # -- I/O door for handlers -------------------------------------------------------------
 

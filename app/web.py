@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 
 from app.agents.registry import AgentRegistry
 from app.api import (
+    cluster,
     connection,
     conversations,
     dashboard,
@@ -78,6 +79,7 @@ def create_app(
     app.config["JSON_SORT_KEYS"] = False
     for module in (conversations, runs, events, streams, ws_stream, server_stream, server, openapi):
         app.register_blueprint(module.blueprint)
+    app.register_blueprint(cluster.blueprint)  # GET /api/cluster
     app.register_blueprint(dashboard.blueprint)  # GET / and /static/<name>
     app.register_blueprint(docs_page.blueprint)  # GET /docs and /docs/<name>
     app.register_blueprint(metrics_route.blueprint)  # GET /metrics

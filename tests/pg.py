@@ -81,3 +81,14 @@ def throwaway_schema(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True) as connection:
             connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def terminate_sessions(url: str, application_name: str) -> list[bool]:
+    """End every session of the database at ``url`` whose ``application_name`` is the one
+    given (as a database restart or an administrator would); whether each was ended."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return [bool(ended) for (ended,) in rows]

@@ -27,7 +27,7 @@ CONVERSATION_KEYS = {
 }  # fmt: skip
 RUN_KEYS = {
     "id", "conversation_id", "status", "reason", "queue_position", "queued_at", "started_at",
-    "finished_at", "steps", "error",
+    "finished_at", "steps", "error", "node",
 }  # fmt: skip
 
 

@@ -108,7 +108,8 @@ def store_flags(request: pytest.FixtureRequest) -> list[str]:
     throwaway schema (``postgres_url``; skipped without a server, failed under CI)."""
     if request.param == "sqlite":
         return []
-    return ["--database-url", request.getfixturevalue("postgres_url")]
+    # A short lease: a killed node's runs are recovered once its lease expired (1 s).
+    return ["--database-url", request.getfixturevalue("postgres_url"), "--node-lease-seconds", "1"]
 
 
 def start_conversations(server: Server, count: int) -> list[str]:
@@ -160,14 +161,15 @@ def test_sigkill_then_restart_recovers_as_paused_without_losing_events(
     tmp_path: Path, servers: list[Server], store_flags: list[str]
 ) -> None:
     """After SIGKILL, a restart finds every committed event and pauses the orphaned runs
-    (on PostgreSQL too: the killed server's claim on the database ended with it)."""
+    (on PostgreSQL too: the killed server's claim on the database ended with it, and its
+    runs are recovered by the restarted node's sweep once the killed node's lease expired)."""
     servers.append(server := Server(tmp_path, "--max-concurrent-runs", "2", *store_flags))
     before = start_and_snapshot(server, count=3, slots=2)
     assert server.stop(signal.SIGKILL)[0] == -signal.SIGKILL
 
     servers.append(restarted := Server(tmp_path, *store_flags))
     for cid in before:
-        conversation = restarted.json("GET", f"/api/conversations/{cid}")
+        conversation = wait_until_paused(restarted, cid)
         assert conversation["status"] == "paused"
         assert conversation["run"]["reason"] == "crash_recovery"
         after = events_of(restarted, cid)
@@ -180,6 +182,18 @@ def test_sigkill_then_restart_recovers_as_paused_without_losing_events(
             "reason": "crash_recovery",
         }
     restarted.stop(signal.SIGTERM)
+
+
+def wait_until_paused(server: Server, conversation_id: str) -> Any:
+    """The conversation once it is no longer active (SQLite: at once; PostgreSQL: within
+    the dead node's lease and a sweep)."""
+    deadline = time.monotonic() + 10
+    while (conversation := server.json("GET", f"/api/conversations/{conversation_id}"))[
+        "status"
+    ] in ("queued", "running", "pausing"):
+        assert time.monotonic() < deadline, "the killed node's runs were not recovered"
+        time.sleep(0.02)
+    return conversation
 
 
 def test_bad_setting_stops_start_up_with_a_message(tmp_path: Path) -> None:

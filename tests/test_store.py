@@ -609,6 +609,7 @@ def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     old = create(store, "from before")
     store.close()
     with closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN node")  # as version 5 had it
         conn.execute("DROP TRIGGER events_text_forget")  # as version 4 had it
         conn.execute("DROP TABLE events_text")
         conn.execute("ALTER TABLE conversations DROP COLUMN indexed_seq")
@@ -645,7 +646,7 @@ def test_store_migrates_an_older_file(tmp_path: Path, version: int) -> None:
     finally:
         reopened.close()
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         plan = conn.execute(
             "EXPLAIN QUERY PLAN SELECT n FROM conversations WHERE tenant = ? ORDER BY n DESC",
             ("alice",),

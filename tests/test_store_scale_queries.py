@@ -221,7 +221,7 @@ def test_events_are_indexed_in_batches_and_found_before(store: SqliteStore) -> N
 
 def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
     """A v4 file (no events_text) with events is upgraded on open: old events are found
-    by q (search and count), new ones too, and user_version is 5."""
+    by q (search and count), new ones too, and user_version is 6."""
     path = tmp_path / "old.sqlite3"
     store = SqliteStore(path)
     conversation_id = create(store)
@@ -230,6 +230,7 @@ def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
     store.append_event(conversation_id, None, Source.SYSTEM, status)
     store.close()
     with closing(sqlite3.connect(path)) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN node")  # as version 5 had it
         conn.execute("DROP TRIGGER events_text_forget")
         conn.execute("DROP TABLE events_text")
         conn.execute("ALTER TABLE conversations DROP COLUMN indexed_seq")
@@ -250,4 +251,4 @@ def test_a_version_4_file_gets_its_text_index(tmp_path: Path) -> None:
     finally:
         migrated.close()
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6

@@ -210,6 +210,8 @@ async def _serve_app(
             # they found a few dozen cyclic objects). Young collections stay as they were;
             # full ones come 100x less often: none in that burst, longest pause 41 ms.
             gc.set_threshold(700, 10, 1000)
+            # The node's address in the shared database (GET /api/cluster).
+            app.extensions["trellis.supervisor"].advertise(binds[0])
             print(f"trellis: serving on {binds[0]}", flush=True)
             task_status.started(binds)
     log.info("stopped cleanly")

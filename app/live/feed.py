@@ -9,7 +9,17 @@ can fall between the two.
 :class:`EventFeed` is the protocol. :class:`LocalFeed` is the one-process implementation:
 the store calls :meth:`LocalFeed.publish` after each commit (in commit order, from whatever
 thread committed), and the events hop to the Trio thread, where each subscriber has a
-bounded buffer. Several nodes will put PostgreSQL LISTEN/NOTIFY behind the same protocol.
+bounded buffer. Several nodes put PostgreSQL LISTEN/NOTIFY behind it: another node's
+events are read from the store by ``app/cluster/changes.py`` and handed to
+:meth:`LocalFeed.deliver` on the Trio thread.
+
+**The watermark**: per followed conversation, the feed keeps the highest ``seq`` it has
+delivered (:meth:`LocalFeed.watermark`) and drops an event at or below it, so that an event
+that arrives both ways (committed here, and read back by the cluster part) is delivered once.
+A node's own commits arrive in ``seq`` order, so for them this changes nothing. When two
+nodes write one conversation, this node's own event can arrive before an earlier one of the
+other node's: the stream sees a gap and reads it from the store (rule 1 of
+``app/live/follow.py``), and the late event is dropped as already passed.
 
 A subscriber that does not keep up never slows a run or another subscriber: publishing
 never waits. When its buffer is full it is *dropped* — its stream ends with the reason
@@ -149,6 +159,8 @@ class LocalFeed:
     def __init__(self, buffer_events: int = 1000) -> None:
         self.buffer_events = buffer_events
         self._subscribers: dict[str, set[Subscription]] = {}
+        #: The highest seq delivered, per followed conversation (the module docstring).
+        self._seen: dict[str, int] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         #: Subscriptions ended because their reader fell behind (``GET /metrics`` reads it).
         self.drops = 0
@@ -176,6 +188,7 @@ class LocalFeed:
             subs.discard(subscription)
             if not subs:
                 del self._subscribers[subscription.conversation_id]
+                self._seen.pop(subscription.conversation_id, None)
 
     def publish(self, events: Sequence[Event | Delta]) -> None:
         """Hand ``events`` to the Trio thread; never blocks (the store's write lock is held).
@@ -188,7 +201,7 @@ class LocalFeed:
         if token is None or not any(item.conversation_id in self._subscribers for item in events):
             return
         try:
-            token.run_sync_soon(self._deliver, events)
+            token.run_sync_soon(self.deliver, events)
         except trio.RunFinishedError:
             self._token = None
 
@@ -197,10 +210,38 @@ class LocalFeed:
         if delta.conversation_id in self._subscribers:  # a racy peek is fine: best effort
             self.publish([delta])
 
-    def _deliver(self, items: Sequence[Event | Delta]) -> None:
+    def deliver(self, items: Sequence[Event | Delta]) -> None:
+        """Hand ``items`` to their conversations' subscribers now (Trio thread), in order;
+        an event at or below its conversation's watermark is dropped (seen already)."""
         for item in items:
-            for subscription in list(self._subscribers.get(item.conversation_id, ())):
+            subscriptions = self._subscribers.get(item.conversation_id)
+            if not subscriptions:
+                continue
+            if isinstance(item, Event):
+                if item.seq <= self._seen.get(item.conversation_id, 0):
+                    continue
+                self._seen[item.conversation_id] = item.seq
+            for subscription in list(subscriptions):
                 subscription.deliver(item)
+
+    def followed(self) -> list[str]:
+        """The conversations that have subscribers right now."""
+        return list(self._subscribers)
+
+    def is_followed(self, conversation_id: str) -> bool:
+        return conversation_id in self._subscribers
+
+    def watermark(self, conversation_id: str) -> int | None:
+        """The highest seq delivered to the conversation's subscribers since the first of
+        them subscribed (``None``: nothing yet, or nobody follows it)."""
+        return self._seen.get(conversation_id)
+
+    def assume_delivered(self, conversation_id: str, seq: int) -> None:
+        """Set the watermark of a followed conversation that has none yet: its subscribers
+        need nothing up to ``seq`` from the feed (the caller knows it was committed before
+        they subscribed, so their replay from the store has it)."""
+        if conversation_id in self._subscribers:
+            self._seen.setdefault(conversation_id, seq)
 
     def end_conversation(self, conversation_id: str, reason: str) -> None:
         """End the conversation's streams after what they have buffered (e.g. ``deleted``).

@@ -108,6 +108,11 @@ class MessageWritten:
 
 
 class EventStore(Protocol):
+    #: This process's id among the nodes that share the database (see ``cluster_url``).
+    node_id: str
+    #: The URL of a database several nodes share (PostgreSQL), or ``None`` (SQLite).
+    cluster_url: str | None
+
     def close(self) -> None: ...
     def add_listener(self, listener: Callable[[list[Event]], None]) -> None:
         """``listener(events)`` after each commit that appended events (must not block)."""

@@ -71,7 +71,9 @@ class Connections:
     held. If it raises, the error is logged and ``on_cache_error`` is called (lock still
     held): the store passes a function that empties its cache, so that no reader is served a
     record the failed refresh left stale. ``on_begin`` runs right after every ``BEGIN`` of a
-    write transaction (lock held; it must not fail). ``group_commit=False`` gives every
+    write transaction (lock held; it must not fail). ``before_commit`` runs right before its
+    ``COMMIT``, in the transaction (the store's change notes to other nodes; if it raises,
+    the transaction fails like a failed statement). ``group_commit=False`` gives every
     :meth:`submit` a transaction of its own (the baseline of ``bench/store_scale.py``).
     """
 
@@ -82,9 +84,11 @@ class Connections:
         on_cache_error: Callable[[], None] | None = None,
         on_begin: Callable[[], None] | None = None,
         *,
+        before_commit: Callable[[Connection], None] | None = None,
         group_commit: bool = True,
     ) -> None:
         self._after_commit = after_commit
+        self._before_commit = before_commit
         self._on_cache_error = on_cache_error
         self._on_begin = on_begin
         self._group_commit = group_commit
@@ -226,6 +230,8 @@ class Connections:
                 if self._on_begin is not None:
                     self._on_begin()
                 yield connection
+                if self._before_commit is not None:
+                    self._before_commit(connection)
                 connection.execute("COMMIT")
             except BaseException as error:
                 self._roll_back(connection, error)
@@ -292,6 +298,13 @@ class Connections:
                 self._on_cache_error()
             except Exception:
                 log.exception("dropping the cache failed too: it may serve stale records")
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """The write lock alone (no connection, no transaction), for a change that must not
+        interleave with a write: dropping cached records another node changed."""
+        with self._lock:
+            yield
 
     @contextmanager
     def locked_writer(self) -> Iterator[Connection]:

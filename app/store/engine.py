@@ -12,8 +12,9 @@ engines is gathered in two objects:
   unavailable", and whether a connection is beyond use;
 - a :class:`Dialect` (the SQL that differs): the ``q`` filter's text search
   (:class:`TextSearch`: SQLite's batched FTS5 trigram index, PostgreSQL's ``pg_trgm``
-  index under ``ILIKE``), the agent kind of a conversation summary, and SQLite's lenient
-  decoding of text written by other programs.
+  index under ``ILIKE``), the agent kind of a conversation summary, SQLite's lenient
+  decoding of text written by other programs, and how a transaction tells the other nodes
+  what it changed (PostgreSQL's NOTIFY; nothing on SQLite).
 """
 
 from __future__ import annotations
@@ -139,3 +140,7 @@ class Dialect:
     agent_kind: str
     #: Read text that is not valid UTF-8 with replacement characters, for a block.
     lenient_text: Callable[[Connection], AbstractContextManager[None]]
+    #: The statement that sends a transaction's change notes to the other nodes (parameters:
+    #: the channel, the notes as a text array; ``app/store/change_notes.py``), or ``None``
+    #: where no other node shares the database (SQLite).
+    notify_changes: str | None = None

@@ -12,8 +12,10 @@ identities. Two differences:
 - ``trellis_agent_kind(text)``: a summary's agent kind from the spec's JSON, NULL when it
   is not JSON (SQLite: ``json_valid``/``json_extract``).
 
-Added for the cluster step (unused by this version's code): ``runs.node`` (the node that
-claimed a run) and ``nodes`` (one row per live node).
+For the cluster (``app/cluster/nodes.py``): ``runs.node`` (the node that claimed a run)
+and ``nodes`` (one row per live node, its lease). A lease's times are ``TIMESTAMPTZ`` set
+by the database's ``now()``, never by a node's clock: nodes whose clocks disagree still
+agree on which lease has expired.
 
 Versions: one row in ``trellis_schema``. At start, in one transaction under an advisory
 lock (several nodes may start at once; the second waits and then finds nothing to do):
@@ -107,13 +109,13 @@ CREATE TABLE health_probe (
     probed_at       TEXT NOT NULL
 );
 
-CREATE TABLE nodes (
-    id              TEXT PRIMARY KEY,
-    address         TEXT NOT NULL,
+CREATE TABLE nodes (                                    -- app/cluster/nodes.py
+    id              TEXT PRIMARY KEY,                   -- store.node_id
+    address         TEXT NOT NULL,                      -- the URL it serves on, or ''
     max_concurrent_runs INTEGER NOT NULL,
     running         INTEGER NOT NULL DEFAULT 0,
-    started_at      TEXT NOT NULL,
-    last_heartbeat  TEXT NOT NULL
+    started_at      TIMESTAMPTZ NOT NULL,               -- the database's now()
+    last_heartbeat  TIMESTAMPTZ NOT NULL                -- the database's now()
 );
 
 -- A summary's agent kind: the spec's "kind", NULL when the spec is not JSON (or its kind

@@ -36,6 +36,7 @@ from psycopg_pool import ConnectionPool
 
 from app.redact import mask_url
 from app.store import queries
+from app.store.change_notes import NOTIFY_ALL, channel_name
 from app.store.engine import Connection, Dialect
 from app.store.faults import StoreUnavailable
 from app.store.pg_connection import PgConnection, register_nul_escape
@@ -61,6 +62,7 @@ POSTGRES_DIALECT = Dialect(
     text=TrigramTextSearch(),
     agent_kind=queries.POSTGRES_AGENT_KIND,
     lenient_text=lambda conn: contextlib.nullcontext(),  # text is always valid UTF-8 here
+    notify_changes=NOTIFY_ALL,
 )
 
 
@@ -90,6 +92,7 @@ class PostgresEngine:
 
     def __init__(self, url: str, *, max_readers: int = MAX_READERS) -> None:
         self._url = url
+        self.schema = "public"  # until initialize() reads it
         self._writers: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._readers = ConnectionPool(
@@ -121,6 +124,9 @@ class PostgresEngine:
     def initialize(self, writer: Connection) -> None:
         assert isinstance(writer, PgConnection)
         initialize(writer.raw)
+        row = writer.raw.execute("SELECT current_schema()").fetchone()
+        #: The schema the store's tables are in (names its notification channels).
+        self.schema = str(row[0]) if row is not None else "public"
         self._readers.open()
 
     @contextmanager
@@ -209,7 +215,10 @@ class PostgresStore(SqlStore):
     def __init__(self, url: str, *, group_commit: bool = True) -> None:
         """``group_commit=False``: one transaction per write (a benchmark's baseline)."""
         self.url = url
-        super().__init__(PostgresEngine(url), group_commit=group_commit)
+        self.cluster_url = url
+        engine = PostgresEngine(url)
+        super().__init__(engine, group_commit=group_commit)
+        self.changes_channel = channel_name("changes", engine.schema)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {mask_url(self.url)}>"

@@ -48,6 +48,7 @@ _RUN_COLUMNS = (
     "finished_at",
     "steps",
     "error",
+    "node",
 )
 
 # The conversation with its current run, in one row; run columns are prefixed "run_".

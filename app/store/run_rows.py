@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.errors import NotFound
+from app.errors import IllegalTransition, NotFound
 from app.events import Event, Payload, Source, StatusPayload, utc_now
 from app.lifecycle import ACTIVE, TERMINAL, Status, Trigger, run_transition, transition
 from app.records import ConversationRecord, RunRecord
@@ -34,12 +34,15 @@ class RunRows:
     """The run-side statements of one store, used inside its write transactions.
 
     ``touched`` is the store's set of conversations the current transaction changed (their
-    cached records embed the current run); ``append`` is the store's event insert.
+    cached records embed the current run); ``append`` is the store's event insert;
+    ``node``: the id new runs are recorded with (``runs.node``: the node that claims them
+    when several share the database), ``None`` on SQLite.
     """
 
-    def __init__(self, touched: set[str], append: Append) -> None:
+    def __init__(self, touched: set[str], append: Append, node: str | None = None) -> None:
         self._touched = touched
         self._append = append
+        self._node = node
 
     def run(self, conn: Connection, run_id: str) -> RunRecord:
         row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
@@ -50,9 +53,16 @@ class RunRows:
     def insert(self, conn: Connection, conversation: ConversationRecord, new: NewRun) -> RunRecord:
         """A new ``queued`` run; activated (and started) as ``new`` says."""
         conn.execute(
-            "INSERT INTO runs (id, conversation_id, status, reason, queued_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (new.run_id, conversation.id, Status.QUEUED.value, new.reason, utc_now().isoformat()),
+            "INSERT INTO runs (id, conversation_id, status, reason, queued_at, node)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                new.run_id,
+                conversation.id,
+                Status.QUEUED.value,
+                new.reason,
+                utc_now().isoformat(),
+                self._node,
+            ),
         )
         if new.activate:
             self.activate(conn, conversation, new.run_id, new.reason)
@@ -79,7 +89,9 @@ class RunRows:
     ) -> RunRecord:
         """Apply ``trigger`` to the run, and to its conversation if it is the current run.
 
-        Errors: :class:`~app.errors.IllegalTransition` before anything is changed.
+        Errors: :class:`~app.errors.IllegalTransition` before anything is changed — also
+        when another node's transaction changed the run since it was read (PostgreSQL: the
+        UPDATE only matches the status it read, e.g. not a run a sweeper paused meanwhile).
         """
         run = self.run(conn, run_id)
         status = run_transition(run.status, trigger)
@@ -87,8 +99,8 @@ class RunRows:
         row = conn.execute(
             "UPDATE runs SET status = ?, reason = ?, error = COALESCE(?, error),"
             " started_at = CASE WHEN ? THEN ? ELSE started_at END,"
-            " finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?"
-            " RETURNING *",
+            " finished_at = CASE WHEN ? THEN ? ELSE finished_at END"
+            " WHERE id = ? AND status = ? RETURNING *",
             (
                 status.value,
                 reason,
@@ -98,8 +110,14 @@ class RunRows:
                 status in TERMINAL,
                 now,
                 run_id,
+                run.status.value,
             ),
         ).fetchone()
+        if row is None:
+            raise IllegalTransition(
+                "the run's status changed meanwhile (another node recorded it)",
+                detail={"run_id": run_id, "trigger": trigger.value},
+            )
         self._touched.add(run.conversation_id)  # its record embeds the current run
         current = conn.execute(
             "SELECT status FROM conversations WHERE id = ? AND current_run_id = ?",
@@ -136,9 +154,13 @@ class RunRows:
         if not active:
             return []
         paused = run_transition(Status.RUNNING, Trigger.STOP)  # the same from every ACTIVE
+        # The status condition again: on PostgreSQL another node's transaction may stop the
+        # same runs (two sweepers, a dead node's own drain); the second UPDATE waits for
+        # the first's row locks, re-checks it, and so stops (and records) each run once.
         rows = conn.execute(
             "UPDATE runs SET status = ?, reason = ?, finished_at = ?"
-            f" WHERE id IN ({', '.join('?' * len(active))}) RETURNING *",
+            f" WHERE id IN ({', '.join('?' * len(active))})"
+            " AND status IN ('queued', 'running', 'pausing') RETURNING *",
             (paused.value, reason, now, *active),
         ).fetchall()
         return [queries.run_from_row(row) for row in rows]

@@ -20,8 +20,9 @@ import sqlite3
 from pathlib import Path
 
 # 2: health_probe table, idempotency_keys.answer; 3: conversations.webhook;
-# 4: conversations.tenant (and its index); 5: events_text (the q index) and its triggers
-SCHEMA_VERSION = 5
+# 4: conversations.tenant (and its index); 5: events_text (the q index) and its triggers;
+# 6: runs.node (the node that claimed a run: always null here, see app/cluster/nodes.py)
+SCHEMA_VERSION = 6
 
 #: ``events_text.rowid = conversations.n << TEXT_ROWID_BITS | events.seq``.
 TEXT_ROWID_BITS = 32
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at      TEXT,
     finished_at     TEXT,
     steps           INTEGER NOT NULL DEFAULT 0,
-    error           TEXT
+    error           TEXT,
+    node            TEXT                                -- PostgreSQL's; always null here
 );
 CREATE INDEX IF NOT EXISTS runs_by_conversation ON runs (conversation_id, n);
 CREATE INDEX IF NOT EXISTS runs_active ON runs (status)
@@ -187,6 +189,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: ("ALTER TABLE conversations ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",),
     # the q index: SCHEMA created it empty; index the old events
     4: ("ALTER TABLE conversations ADD COLUMN indexed_seq INTEGER NOT NULL DEFAULT 0",),
+    # the run record's node, as on PostgreSQL (one process owns a SQLite file: null)
+    5: ("ALTER TABLE runs ADD COLUMN node TEXT",),
 }
 
 #: Every event into the text index, in one statement per table (a new file, the v5

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from app.store.base import (
     NewRun,
 )
 from app.store.cache import RecordCache
+from app.store.change_notes import change_notes
 from app.store.connections import Connections
 from app.store.engine import Connection, Engine
 from app.store.faults import StoreHealth
@@ -70,19 +71,33 @@ class SqlStore:
     """The :class:`~app.store.base.EventStore` on an engine's database (schema created or
     migrated when it opens; the engine is closed by :meth:`close`)."""
 
+    #: The database URL other nodes share (PostgreSQL), or ``None`` (SQLite: one process
+    #: owns the file). A supervisor on a store with one runs as a cluster node
+    #: (``app/cluster/node.py``).
+    cluster_url: str | None = None
+    #: The LISTEN/NOTIFY channel of this database's change notes (PostgreSQL; set on
+    #: opening), or ``None``: see ``app/store/change_notes.py``.
+    changes_channel: str | None = None
+
     def __init__(self, engine: Engine, *, group_commit: bool = True) -> None:
         """``group_commit=False``: one transaction per write (a benchmark's baseline)."""
+        #: This process's id among the nodes sharing the database: new for every store
+        #: opened (a restarted process is a new node; its old runs are recovered as a
+        #: dead node's).
+        self.node_id = uuid.uuid4().hex[:12]
         self._dialect = engine.dialect
         self._cache = RecordCache()
         self._touched: set[str] = set()  # conversations the current write transaction changed
         self._appended: list[Event] = []  # events the current write transaction appended
         self._listeners: list[Callable[[list[Event]], None]] = []
-        self._runs = RunRows(self._touched, self._append)
+        node = self.node_id if self.cluster_url is not None else None  # runs.node
+        self._runs = RunRows(self._touched, self._append, node)
         self._db = Connections(
             engine,
             after_commit=self._refresh_cached,
             on_cache_error=self._cache.clear,
             on_begin=self._begin,
+            before_commit=self._announce,
             group_commit=group_commit,
         )
 
@@ -127,6 +142,25 @@ class SqlStore:
         """A write transaction began (write lock held): nothing touched or appended yet."""
         self._touched.clear()
         self._appended.clear()
+
+    def _announce(self, connection: Connection) -> None:
+        """Before ``COMMIT`` (write lock held): the change notes of what this transaction
+        changed, for the other nodes (``app/store/change_notes.py``; none on SQLite)."""
+        notify, channel = self._dialect.notify_changes, self.changes_channel
+        if notify is not None and channel is not None and self._touched:
+            notes = change_notes(self.node_id, self._touched, self._appended)
+            connection.execute(notify, (channel, notes))
+
+    def forget_cached(self, conversation_ids: Iterable[str] | None) -> None:
+        """Drop these conversations' cached records (``None``: every record) because
+        another node changed them; their next reader reads them again. Takes the write
+        lock (``app/store/cache.py``), so blocks briefly: call it from a worker thread."""
+        with self._db.write_lock():
+            if conversation_ids is None:
+                self._cache.clear()
+            else:
+                for conversation_id in conversation_ids:
+                    self._cache.drop(conversation_id)
 
     def add_listener(self, listener: Callable[[list[Event]], None]) -> None:
         """Call ``listener(events)`` after every commit that appended events, in commit

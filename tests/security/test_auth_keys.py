@@ -49,6 +49,7 @@ ROUTES = [
     pytest.param("GET", "/api/conversations/nope/events/stream", id="sse"),
     pytest.param("GET", "/api/runs", id="runs"),
     pytest.param("GET", "/api/server", id="server"),
+    pytest.param("GET", "/api/cluster", id="cluster"),
     pytest.param("GET", "/api/events/stream", id="server-stream"),
     pytest.param("PATCH", "/api/server/limits", id="limits"),
     pytest.param("GET", "/api/nothing-here", id="unknown"),

@@ -134,7 +134,7 @@ async def test_a_tenant_cannot_see_or_touch_another_tenants_conversation(
 
 
 async def test_only_admin_keys_read_server_details(settings: Settings) -> None:
-    """GET /api/server, PATCH /api/server/limits and the server-wide stream are 403
+    """GET /api/server and /api/cluster, PATCH /api/server/limits and the server-wide stream are 403
     forbidden for a tenant's key (nothing changed) and answer an admin key."""
     with trio.fail_after(20):
         async with (
@@ -144,6 +144,7 @@ async def test_only_admin_keys_read_server_details(settings: Settings) -> None:
         ):
             for method, path, body in [
                 ("GET", "/api/server", None),
+                ("GET", "/api/cluster", None),
                 ("PATCH", "/api/server/limits", {"max_concurrent_runs": 7}),
                 ("GET", "/api/events/stream", None),
             ]:
@@ -152,6 +153,7 @@ async def test_only_admin_keys_read_server_details(settings: Settings) -> None:
                 assert answer.json()["error"]["code"] == "forbidden"
             info = await root.get("/api/server")
             assert info.status_code == 200, info.text
+            assert (await root.get("/api/cluster")).status_code == 200
             assert info.json()["limits"]["max_concurrent_runs"] == settings.max_concurrent_runs
             patched = await root.patch("/api/server/limits", json={"max_concurrent_runs": 7})
             assert patched.status_code == 200, patched.text
