@@ -6,6 +6,7 @@
 #   make bench                          the core-server benchmark + naive vs Trellis (bench/run.py)
 #   make bench-scale                    one node at scale: 1k/5k/10k runs in flight (bench/scale.py)
 #   make bench-quick                    the same at small sizes, under a minute
+#   make bench-postgres                 the server on PostgreSQL against SQLite (a local server)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA ?= ./data
 
-.PHONY: serve test lint types pytest bench bench-scale bench-quick clean
+.PHONY: serve test lint types pytest bench bench-scale bench-quick bench-postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ bench: $(INSTALLED)
 
 bench-scale: $(INSTALLED)
 	$(BIN)/python bench/scale.py
+
+bench-postgres: $(INSTALLED)
+	$(BIN)/python bench/postgres_vs_sqlite.py
 
 bench-quick: $(INSTALLED)
 	$(BIN)/python bench/scale.py --quick

@@ -17,6 +17,11 @@ does neither (a refused request stores nothing):
    of the admitting request's) — or, if the write failed, **undo** the reservation: the
    slot or the place goes to the next run, and nothing was stored.
 
+In a cluster (a shared PostgreSQL database) the line is in the database: admission records
+the run ``queued`` for any node to claim, and the admitting transaction itself checks the
+rules against the database (:meth:`AdmissionDesk._admit_to_cluster`, ``app/store/claims.py``);
+a run this node claims is started by :meth:`AdmissionDesk.launch_claimed`.
+
 Tenants' quota (``tenant_max_active_runs``): the desk counts each tenant's active runs
 (queued + running) in memory — one more at reservation, one less when the reservation is
 undone or the run's task ends (:meth:`AdmissionDesk._run_counted`) — so the check is O(1)
@@ -33,12 +38,13 @@ from typing import TypeVar
 
 import trio
 
-from app.errors import ConversationBusy, NotFound, RunQueueFull, ShuttingDown, TenantQuotaExceeded
+from app.errors import NotFound, ShuttingDown
 from app.handles import IfBusy, RunHandle
 from app.lifecycle import Trigger
 from app.records import ConversationRecord, RunRecord
 from app.run_task import RunPlan, RunShared, record_end, run_admitted, unregister
 from app.store.base import NewRun
+from app.store.claims import QueueRules, admitting, busy_error, queue_full_error, quota_error
 from app.workspaces import workspace_key
 
 T = TypeVar("T")
@@ -59,6 +65,9 @@ class Admission:
     #: It was given a run slot at once: it is recorded ``running`` by the admitting
     #: transaction itself, and its thread does not write the start again.
     seated: bool = False
+    #: Admitted into the cluster's queue (shared database): the rules its transaction
+    #: checks, and the position that transaction gives it (``app/store/claims.py``).
+    rules: QueueRules | None = None
 
     @property
     def run_id(self) -> str:
@@ -78,9 +87,10 @@ class Admission:
     def present(self, record: RunRecord) -> RunRecord:
         """The run's record as the admitting request reports it: with the position it
         was given. (A replay of the request reports exactly the same.)"""
-        if self.position is None:
+        position = self.position if self.rules is None else self.rules.position
+        if position is None:
             return record
-        return record.model_copy(update={"queue_position": self.position})
+        return record.model_copy(update={"queue_position": position})
 
 
 class AdmissionDesk:
@@ -103,6 +113,8 @@ class AdmissionDesk:
         #: The tenant of each active run, and each tenant's count of active runs.
         self.tenant_of: dict[str, str] = {}
         self.active_of_tenant: dict[str, int] = {}
+        #: Runs are queued in the shared database, not in the slot line (PostgreSQL).
+        self.clustered = shared.store.cluster_url is not None
 
     def queued(self) -> int:
         """Active runs without a slot: in the line, or behind their conversation's run
@@ -128,32 +140,15 @@ class AdmissionDesk:
             raise NotFound(f"no conversation with id {conversation_id} (being deleted)")
         runs = self.shared.runs.of_conversation(conversation_id)
         if runs and if_busy is IfBusy.REJECT:
-            raise ConversationBusy(
-                "the conversation already has an active run; pass if_busy=enqueue to run "
-                "after it or if_busy=interrupt to replace it",
-                detail={"run_id": runs[-1].run_id},
-            )
-        if tenant is not None:
-            self._check_quota(tenant)
+            raise busy_error(runs[-1].run_id)
+        retry_after = self.shared.settings.queue_full_retry_after_seconds
+        quota = self.shared.settings.tenant_max_active_runs
+        active = 0 if tenant is None else self.active_of_tenant.get(tenant, 0)
+        if quota and active >= quota:
+            raise quota_error(active, quota, retry_after)
         queued = self.queued()
         if queued >= self.max_queued_runs:
-            raise RunQueueFull(
-                f"{queued} runs are already queued (max_queued_runs = {self.max_queued_runs});"
-                " retry later or raise the limit with PATCH /api/server/limits",
-                retry_after_seconds=self.shared.settings.queue_full_retry_after_seconds,
-                detail={"queued": queued, "max_queued_runs": self.max_queued_runs},
-            )
-
-    def _check_quota(self, tenant: str) -> None:
-        quota = self.shared.settings.tenant_max_active_runs
-        active = self.active_of_tenant.get(tenant, 0)
-        if quota and active >= quota:
-            raise TenantQuotaExceeded(
-                f"this tenant already has {active} active runs (queued or running;"
-                f" tenant_max_active_runs = {quota}); retry when one has ended",
-                retry_after_seconds=self.shared.settings.queue_full_retry_after_seconds,
-                detail={"active": active, "tenant_max_active_runs": quota},
-            )
+            raise queue_full_error(queued, self.max_queued_runs, retry_after)
 
     async def admit(
         self,
@@ -172,6 +167,8 @@ class AdmissionDesk:
 
         Errors: as :meth:`check`, and whatever ``write`` raises (nothing is admitted then).
         """
+        if self.clustered:
+            return await self._admit_to_cluster(conversation_id, write, if_busy, reason, tenant)
         admission = self._reserve(conversation_id, if_busy=if_busy, reason=reason, tenant=tenant)
         # Shielded: once the run is recorded, its task must start, or the record would be
         # left queued with nobody to run it.
@@ -186,6 +183,57 @@ class AdmissionDesk:
                 self._count(admission.run_id, conversation.tenant)
             await self._launch(admission, conversation)
         return result, admission
+
+    async def _admit_to_cluster(
+        self,
+        conversation_id: str,
+        write: Callable[[Admission], T],
+        if_busy: IfBusy,
+        reason: str,
+        tenant: str | None,
+    ) -> tuple[T, Admission]:
+        """Shared database: record the run in the cluster's queue (``app/store/claims.py``:
+        the rules are checked, and activation decided, by the admitting transaction) and
+        seat nothing here — a node with a free slot claims it (``app/cluster/claims.py``).
+        The local checks first: they see a subset of what the database sees (this node's
+        runs), so they never refuse what the database would admit."""
+        self.check(conversation_id, if_busy=if_busy, tenant=tenant)
+        earlier = self.shared.runs.of_conversation(conversation_id)  # this node's only
+        handle = RunHandle(str(uuid.uuid4()), conversation_id, None)  # not registered here
+        replaces = earlier if if_busy is IfBusy.INTERRUPT else []
+        settings = self.shared.settings
+        rules = QueueRules(
+            max_queued_runs=self.max_queued_runs,
+            reject_if_busy=if_busy is IfBusy.REJECT,
+            tenant_max_active_runs=settings.tenant_max_active_runs,
+            retry_after_seconds=settings.queue_full_retry_after_seconds,
+        )
+        admission = Admission(handle, None, reason, replaces, rules=rules)
+
+        def admit_in_thread() -> T:
+            with admitting(rules):
+                return write(admission)
+
+        with trio.CancelScope(shield=True):  # recorded means claimable: report it
+            result = await self.shared.io(admit_in_thread)
+        self.shared.metrics.stop_requested(replaces, "interrupt")
+        for run in replaces:
+            run.stop("interrupt")
+        return result, admission
+
+    async def launch_claimed(self, claimed: list[tuple[RunRecord, ConversationRecord]]) -> None:
+        """Start the runs this node's claim recorded ``running`` (``app/cluster/claims.py``):
+        each registered, seated at once (the claim took no more than the free slots; a
+        limit lowered meanwhile puts it in the local line) and its task started, as an
+        admitted run's. A supervisor that stopped, or drains, records them paused
+        (``shutdown``) instead: a claimed run is never put back into the queue."""
+        for run, conversation in claimed:
+            handle = RunHandle(run.id, conversation.id, None)
+            handle.control.recorded_started = True
+            self.shared.runs.add(handle)
+            self._count(run.id, conversation.tenant)
+            self.shared.line.admit(handle)
+            await self._launch(Admission(handle, None, run.reason or "", seated=True), conversation)
 
     def _reserve(
         self, conversation_id: str, *, if_busy: IfBusy, reason: str, tenant: str | None
@@ -242,7 +290,7 @@ class AdmissionDesk:
         self.shared.metrics.stop_requested(admission.replaces, "interrupt")
         for earlier in admission.replaces:
             earlier.stop("interrupt")
-        if self.nursery is None:  # the supervisor stopped during the write: record only
+        if self.nursery is None or (self.clustered and self.draining):  # record only
             self.shared.line.release(handle)
             await record_end(handle, Trigger.STOP, "shutdown", self.shared)
             unregister(handle, self.shared)

@@ -9,7 +9,14 @@ HTTP handler returns).
 Everything is read on the Trio thread, where that state lives, in one synchronous step: what
 the board shows is consistent, and never costs more than O(log n) per run (a position is a
 bisection of the slot line) — :meth:`RunBoard.active_runs` stops after ``limit`` instead of
-walking a long line. The one ``async`` method reads a run record through the I/O limiter.
+walking a long line. The ``async`` methods read through the I/O limiter.
+
+Cluster (a shared PostgreSQL database, ``app/store/claims.py``): the queue is in the
+database, not in this node's slot line. :meth:`RunBoard.get_run` then reads a queued run's
+cluster-wide position from the database (one count query); the synchronous views show
+this node's own runs — ``running`` is this node's, ``queued`` counts only the runs this
+node holds without a slot (normally none): the cluster queue's length is the number to
+watch, in the database (``SELECT count(*) FROM runs WHERE status = 'queued'``).
 
 Ownership: the supervisor creates the board; it owns no task, no thread and no state of
 its own.
@@ -23,9 +30,13 @@ from collections.abc import Iterable
 import trio
 
 from app.admission import AdmissionDesk
+from app.events import Event
 from app.handles import SupervisorStatistics
+from app.lifecycle import TERMINAL, Status
+from app.live.feed import Delta, StreamEnd
 from app.records import RunRecord
 from app.run_task import RunShared
+from app.store.sql_store import SqlStore
 
 
 class RunBoard:
@@ -44,7 +55,46 @@ class RunBoard:
         Errors: :class:`~app.errors.NotFound` (404) from the store.
         """
         shared = self._shared
-        return self.with_position(await shared.io(shared.store.get_run, conversation_id, run_id))
+        record = await shared.io(shared.store.get_run, conversation_id, run_id)
+        if not self._desk.clustered:
+            return self.with_position(record)
+        positions = await self.cluster_positions([record])
+        return _positioned(record, positions.get(record.id))
+
+    async def cluster_positions(self, records: Iterable[RunRecord]) -> dict[str, int]:
+        """Shared database: the cluster-wide ``queue_position`` of the queued ones among
+        ``records`` (one read, I/O limiter; ``app/store/claims.py``), by run id."""
+        queued = [record.id for record in records if record.status is Status.QUEUED]
+        if not queued:
+            return {}
+        store = self._shared.store
+        assert isinstance(store, SqlStore)  # clustered: a shared SQL store
+        return await self._shared.io(store.queue_positions, queued)
+
+    async def wait_in_cluster(
+        self, conversation_id: str, run_id: str, timeout_seconds: float
+    ) -> RunRecord | None:
+        """Shared database, a run this node does not hold (queued in the database, or
+        claimed by another node): its record once it has ended, or ``None`` after
+        ``timeout_seconds``. Subscribes to the conversation's feed first (other nodes'
+        events reach it through ``app/cluster/changes.py``, this node's own directly),
+        then reads the record again after each status event of the run — no polling,
+        and nothing missed between the read and the wait."""
+        feed = self._shared.feed
+        assert feed is not None, "a supervisor always has a feed"
+        with feed.subscribe(conversation_id) as subscription, trio.move_on_after(timeout_seconds):
+            ended = False
+            while not ended:
+                record = await self.get_run(conversation_id, run_id)
+                if record.status in TERMINAL:
+                    return record
+                item = await subscription.receive()
+                while not _is_status_of(item, run_id) and not isinstance(item, StreamEnd):
+                    item = await subscription.receive()
+                ended = isinstance(item, StreamEnd)  # (shutdown, deleted): one last read
+            record = await self.get_run(conversation_id, run_id)
+            return record if record.status in TERMINAL else None
+        return None
 
     def queue_position(self, run_id: str) -> int | None:
         """1-based place in the line for a run slot (= the order runs will start)."""
@@ -52,10 +102,7 @@ class RunBoard:
 
     def with_position(self, record: RunRecord) -> RunRecord:
         """``record`` with its live ``queue_position`` filled in."""
-        position = self._shared.line.position(record.id)
-        if position is None:
-            return record
-        return record.model_copy(update={"queue_position": position})
+        return _positioned(record, self._shared.line.position(record.id))
 
     def active_runs(
         self, limit: int | None = None, *, running: bool | None = None
@@ -94,3 +141,13 @@ class RunBoard:
             tool_waiting=tool.tasks_waiting,
             draining=desk.draining,
         )
+
+
+def _positioned(record: RunRecord, position: int | None) -> RunRecord:
+    if position is None:
+        return record
+    return record.model_copy(update={"queue_position": position})
+
+
+def _is_status_of(item: Event | Delta | StreamEnd, run_id: str) -> bool:
+    return isinstance(item, Event) and item.kind == "status" and item.run_id == run_id

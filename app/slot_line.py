@@ -21,7 +21,7 @@ leave from the middle when they are cancelled while waiting; the others move up.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 from sortedcontainers import SortedList
@@ -38,6 +38,9 @@ class SlotLine:
         self._by_ticket: dict[int, RunHandle] = {}
         self._ticket_of: dict[str, int] = {}
         self._next_ticket = 0
+        #: Called (Trio thread, must not block) whenever a slot is left free after
+        #: :meth:`fill`: a cluster node claims queued runs then (``app/cluster/claims.py``).
+        self.on_free: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._tickets)
@@ -99,6 +102,8 @@ class SlotLine:
             handle = self._by_ticket.pop(ticket)
             del self._ticket_of[handle.run_id]
             self._seat(handle)
+        if self.on_free is not None and self._slot_free():
+            self.on_free()
 
     def position(self, run_id: str) -> int | None:
         """1-based place in the line (= the order in which runs will be seated), or

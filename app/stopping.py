@@ -22,6 +22,13 @@ differs:
 
 A run slot is released only when a thread returns, never by a stop.
 
+Across nodes (a shared PostgreSQL store), a conversation's runs may be on any node, or
+queued in the database with none: pause and interrupt go through :attr:`RunStops.cluster`
+— the cluster's control part (``app/cluster/control.py``), which has every node that runs
+one do exactly the local stop below (:meth:`RunStops.stop_here`; this node included) and
+answers once they have. The answer is the current run's record as it is then, read from
+the store: the same statuses as a stop on one node.
+
 Ownership: the supervisor creates one :class:`RunStops` and calls it on the Trio thread; it
 owns no task or thread. Every wait here is a checkpoint: cancelling a caller (a client
 that disconnects) leaves the runs stopping and their tasks recording their ends.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Literal, Protocol
 
 import trio
 
@@ -51,6 +59,20 @@ log = logging.getLogger("trellis.supervisor")
 #: as still running rather than holding the HTTP request hostage.
 INTERRUPT_JOIN_SECONDS = 1.0
 
+#: What a caller may ask of a conversation's runs, here or on another node.
+StopAction = Literal["pause", "interrupt"]
+
+
+class ClusterStops(Protocol):
+    """Pause and interrupt on a shared database, where a conversation's runs may be on
+    any node (``app/cluster/control.py``)."""
+
+    async def stop_everywhere(self, conversation_id: str, action: StopAction) -> str | None:
+        """Have ``action`` done to the conversation's active runs wherever they are (those
+        here through :meth:`RunStops.stop_here`); the id of its current active run (the
+        one to answer with), ``None`` if none is active anywhere."""
+        ...
+
 
 class RunStops:
     """Pause, interrupt and delete a conversation's runs; stop every run for a drain."""
@@ -62,8 +84,51 @@ class RunStops:
         self._desk = desk
         self._board = board
         self._live = live
+        #: Set by the cluster's control part while it serves; ``None``: a single node.
+        self.cluster: ClusterStops | None = None
 
     async def pause(self, conversation_id: str) -> RunRecord:
+        """:meth:`pause_here`; in a cluster, on every node that has an active run of the
+        conversation (:attr:`cluster`), answered with the current run's record.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        return await self._everywhere(conversation_id, "pause")
+
+    async def interrupt(self, conversation_id: str) -> RunRecord:
+        """:meth:`interrupt_here`; in a cluster, on every node that has an active run of
+        the conversation (:attr:`cluster`), answered with the current run's record.
+
+        Errors:
+            :class:`~app.errors.IllegalTransition` (409) when nothing is active.
+        """
+        return await self._everywhere(conversation_id, "interrupt")
+
+    def runs_here(self, conversation_id: str) -> bool:
+        """Whether the conversation has an active run on this node; never blocks."""
+        return bool(self._shared.runs.of_conversation(conversation_id))
+
+    def conversation_here(self, run_id: str) -> str | None:
+        """The conversation of ``run_id`` if the run is active on this node; never blocks."""
+        handle = self._shared.runs.get(run_id)
+        return None if handle is None else handle.conversation_id
+
+    async def stop_here(self, conversation_id: str, action: StopAction) -> RunRecord:
+        """:meth:`pause_here` or :meth:`interrupt_here`."""
+        if action == "pause":
+            return await self.pause_here(conversation_id)
+        return await self.interrupt_here(conversation_id)
+
+    async def _everywhere(self, conversation_id: str, action: StopAction) -> RunRecord:
+        if self.cluster is None:
+            return await self.stop_here(conversation_id, action)
+        run_id = await self.cluster.stop_everywhere(conversation_id, action)
+        if run_id is None:
+            raise _nothing_active(conversation_id, action)
+        return await self._board.get_run(conversation_id, run_id)
+
+    async def pause_here(self, conversation_id: str) -> RunRecord:
         """Flag the current run, whose thread stops at its next step boundary (recorded
         ``pausing`` now if it is already running); stop the runs without a thread — the
         current one if it has no slot yet, those enqueued behind it — at once, and wait
@@ -91,7 +156,7 @@ class RunStops:
                 )
         return await self._board.get_run(conversation_id, current.run_id)
 
-    async def interrupt(self, conversation_id: str) -> RunRecord:
+    async def interrupt_here(self, conversation_id: str) -> RunRecord:
         """Stop every run of the conversation at once, wait briefly, and return the record
         of the current one.
 
@@ -167,10 +232,7 @@ class RunStops:
     def _runs_of(self, conversation_id: str, *, action: str) -> list[RunHandle]:
         runs = self._shared.runs.of_conversation(conversation_id)
         if not runs:
-            raise IllegalTransition(
-                f"cannot {action}: the conversation has no queued or running run",
-                detail={"conversation_id": conversation_id},
-            )
+            raise _nothing_active(conversation_id, action)
         return runs
 
     async def _stop_and_join(
@@ -206,6 +268,13 @@ class RunStops:
             handle.abandon()
         await _all_done(late)  # their tasks record the ends, then unregister
         return len(stuck)
+
+
+def _nothing_active(conversation_id: str, action: str) -> IllegalTransition:
+    return IllegalTransition(
+        f"cannot {action}: the conversation has no queued or running run",
+        detail={"conversation_id": conversation_id},
+    )
 
 
 async def _stop_briefly(handles: list[RunHandle], reason: str) -> None:

@@ -41,6 +41,7 @@ Cancellation:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -55,7 +56,13 @@ from app.agents.registry import AgentRegistry, default_registry
 from app.cluster.node import ClusterNode
 from app.cluster.recovery import recover_dead_nodes
 from app.end_ledger import EndLedger
-from app.errors import Conflict, RunQueueFull, TenantQuotaExceeded, TrellisError
+from app.errors import (
+    Conflict,
+    IllegalTransition,
+    RunQueueFull,
+    TenantQuotaExceeded,
+    TrellisError,
+)
 from app.handles import ActiveRuns, IfBusy, SupervisorStatistics
 from app.live.hub import LiveHub
 from app.metrics import Metrics
@@ -275,6 +282,11 @@ class RunSupervisor:
     def draining(self) -> bool:
         return self._desk.draining
 
+    @property
+    def desk(self) -> AdmissionDesk:
+        """The admission desk (a cluster node's claims start runs through it)."""
+        return self._desk
+
     async def stand_down(self, reason: str) -> int:
         """This node was declared dead by another (``app/cluster/nodes.py``): refuse new
         runs (as draining) and stop every run, bounded as :meth:`drain`; streams and
@@ -359,6 +371,10 @@ class RunSupervisor:
         """
         if tenant is None:
             tenant = await self._tenant_for_admission(conversation_id)
+        if if_busy is IfBusy.INTERRUPT and self._desk.clustered:  # its runs: on any node
+            self._desk.check(conversation_id, if_busy=if_busy, tenant=tenant)
+            with contextlib.suppress(IllegalTransition):  # nothing active: nothing to stop
+                await self._stops.interrupt(conversation_id)
         return await self._desk.admit(
             conversation_id, write, conversation_of, if_busy=if_busy, reason=reason, tenant=tenant
         )
@@ -403,6 +419,11 @@ class RunSupervisor:
 
     # -- control (app/stopping.py) -------------------------------------------------------
 
+    @property
+    def stops(self) -> RunStops:
+        """The stops; the cluster's control part (``app/cluster/control.py``) uses them."""
+        return self._stops
+
     async def pause(self, conversation_id: str) -> RunRecord:
         """Stop the conversation's run at its next step boundary (``pausing`` until then).
 
@@ -442,6 +463,8 @@ class RunSupervisor:
         self, conversation_id: str, run_id: str, timeout_seconds: float
     ) -> RunRecord | None:
         """The run's record once it has ended, or ``None`` if ``timeout_seconds`` passed."""
+        if self._desk.clustered and self._shared.runs.get(run_id) is None:  # not held here
+            return await self._board.wait_in_cluster(conversation_id, run_id, timeout_seconds)
         return await self._stops.wait_run(conversation_id, run_id, timeout_seconds)
 
     # -- queries (app/run_board.py) ------------------------------------------------------

@@ -18,8 +18,8 @@ ratio PostgreSQL / SQLite (machine, date and commit above it):
 
 PostgreSQL: the local server at ``$TRELLIS_BENCH_POSTGRES`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``, these machines' trust-auth server); a
-throwaway database is created and dropped. Several nodes are not measured here: one server
-per database, for now (``app/store/database_claim.py``).
+throwaway database is created and dropped. Several nodes are not measured here (one
+server on the database).
 """
 
 from __future__ import annotations

@@ -165,6 +165,7 @@ async def test_a_subscriber_on_another_node_gets_every_event_in_order(
                         if followed and is_finished(followed[-1]):
                             return
 
+            sup_b.set_limits(max_concurrent_runs=0)  # the run is claimed by A
             with sup_b.feed.subscribe(conversation.id) as subscription:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(follow)
@@ -192,6 +193,7 @@ async def test_another_nodes_changes_leave_no_stale_cached_record(
                 before = await sup_b.io(b.get_conversation, record.id)
                 assert b.cached_conversation(record.id) == before
                 assert (before.status, before.event_count) == (Status.IDLE, 0)
+            sup_b.set_limits(max_concurrent_runs=0)  # the run is claimed by A
             with sup_b.feed.subscribe(conversation.id) as subscription:
                 await append(sup_a, quiet.id, "unseen")
                 await sup_a.start_run(conversation.id)

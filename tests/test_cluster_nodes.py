@@ -2,7 +2,9 @@
 ``GET /api/cluster``.
 
 Several nodes are several ``PostgresStore``s on the same ``postgres_url``, each with its
-own supervisor, in one Trio test (one server per database still holds for processes).
+own supervisor, in one Trio test (real processes: tests/test_cluster_processes.py). Any
+node with a free slot claims a queued run: a test that needs a run on a given node sets
+the other nodes' limit to 0 meanwhile (``running_run``).
 Heartbeats and sweeps are driven directly (``NodeLease.beat``/``sweep``) where a test is
 about what one tick does; a node "stops heartbeating" by a lease long enough that its
 loop never ticks during the test (its row is then aged, or expired by a node whose lease
@@ -115,11 +117,19 @@ def pauses(store: PostgresStore | SqliteStore, conversation_id: str) -> list[tup
     return found
 
 
-async def running_run(sup: RunSupervisor, gates: Gates, gate: str) -> tuple[str, str]:
-    """A run held inside its first step; (conversation id, run id)."""
+async def running_run(
+    sup: RunSupervisor, gates: Gates, gate: str, *others: RunSupervisor
+) -> tuple[str, str]:
+    """A run held inside its first step, claimed by ``sup``'s node (the ``others`` claim
+    nothing meanwhile: limit 0); (conversation id, run id)."""
+    limits = [other.statistics().max_concurrent_runs for other in others]
+    for other in others:
+        other.set_limits(max_concurrent_runs=0)
     conversation = await new_conversation(sup, gated(gate))
     run = await sup.start_run(conversation.id)
     await gates[gate].wait_entered()
+    for other, limit in zip(others, limits, strict=True):
+        other.set_limits(max_concurrent_runs=limit)
     return conversation.id, run.id
 
 
@@ -135,8 +145,8 @@ async def test_a_run_records_the_node_that_claimed_it(
             node(node_settings(tmp_path, "a"), a, gates) as sup_a,
             node(node_settings(tmp_path, "b"), b, gates) as sup_b,
         ):
-            conv_a, run_a = await running_run(sup_a, gates, "a")
-            conv_b, _ = await running_run(sup_b, gates, "b")
+            conv_a, run_a = await running_run(sup_a, gates, "a", sup_b)
+            conv_b, _ = await running_run(sup_b, gates, "b", sup_a)
             assert (await sup_a.get_run(conv_a, run_a)).node == a.node_id
             assert (await sup_b.io(b.get_run, conv_a, run_a)).node == a.node_id
             assert (await sup_a.io(a.get_conversation, conv_b)).run.node == b.node_id  # type: ignore[union-attr]
@@ -220,9 +230,10 @@ async def test_a_dead_nodes_runs_are_paused_once_by_a_live_node(
     tmp_path: Path, stores: Callable[[], PostgresStore], postgres_url: str, gates: Gates
 ) -> None:
     """Real loops: node B (lease 0.3 s) sees A's lease expire (A stopped heartbeating)
-    and records A's running and queued runs paused / crash_recovery, one status event
-    each, within a few ticks; B's own run goes on and finishes. A's drain at the end
-    records nothing more (its runs had been recorded)."""
+    and records A's two running runs paused / crash_recovery, one status event each,
+    within a few ticks; B's own run goes on and finishes. A run admitted on A that no node
+    had claimed stays queued (it is the cluster's, not A's) and B claims it once B has a
+    free slot. A's drain at the end records nothing more (its runs had been recorded)."""
     b_store, a_store = stores(), stores()
     # B first: A's start recovery (lease an hour) leaves B alone.
     with trio.fail_after(20):
@@ -230,24 +241,32 @@ async def test_a_dead_nodes_runs_are_paused_once_by_a_live_node(
             node(node_settings(tmp_path, "b", lease=0.3), b_store, gates) as sup_b,
             node(node_settings(tmp_path, "a"), a_store, gates) as sup_a,
         ):
-            conv_b, run_b = await running_run(sup_b, gates, "b")
-            conv_a, run_a = await running_run(sup_a, gates, "a")
-            queued = await new_conversation(sup_a, gated("a-queued"))
-            await sup_a.start_run(queued.id)
+            conv_b, run_b = await running_run(sup_b, gates, "b", sup_a)
+            conv_a, run_a = await running_run(sup_a, gates, "a", sup_b)
+            conv_a2, _ = await running_run(sup_a, gates, "a-second", sup_b)  # A is full
+            sup_b.set_limits(max_concurrent_runs=1)  # B is full
+            unclaimed = await new_conversation(sup_a, gated("unclaimed"))
+            waiting = await sup_a.start_run(unclaimed.id)
             started = trio.current_time()
             while (await sup_b.io(b_store.get_run, conv_a, run_a)).status is not Status.PAUSED:
                 await trio.sleep(0.02)  # B's sweep: bounded by fail_after
             took = trio.current_time() - started
             assert a_store.node_id not in rows(postgres_url)
-            for conversation_id in (conv_a, queued.id):
+            for conversation_id in (conv_a, conv_a2):
                 record = await sup_b.io(b_store.get_conversation, conversation_id)
                 assert (record.status, record.run.reason) == (Status.PAUSED, "crash_recovery")  # type: ignore[union-attr]
                 assert pauses(b_store, conversation_id) == [("paused", "crash_recovery")]
+            queued = await sup_b.io(b_store.get_run, unclaimed.id, waiting.id)
+            assert (queued.status, queued.node) == (Status.QUEUED, None)
             assert (await sup_b.get_run(conv_b, run_b)).status is Status.RUNNING
             assert took < 3.0  # the lease (0.3 s) and a few ticks (0.1 s), slack for threads
+            sup_b.set_limits(max_concurrent_runs=2)
+            await gates["unclaimed"].wait_entered()
+            assert (await sup_b.get_run(unclaimed.id, waiting.id)).node == b_store.node_id
             gates["b"].release()
+            gates["unclaimed"].release()
             assert (await sup_b.wait_run(conv_b, run_b, 10)).status is Status.FINISHED  # type: ignore[union-attr]
-    for conversation_id in (conv_a, queued.id):  # A's drain ("shutdown") added nothing
+    for conversation_id in (conv_a, conv_a2):  # A's drain ("shutdown") added nothing
         assert pauses(b_store, conversation_id) == [("paused", "crash_recovery")]
 
 
@@ -283,7 +302,9 @@ def test_two_sweepers_racing_record_each_run_once(
         conversation, _ = dead.create_conversation(
             _new_conversation({"kind": "script", "steps": [{"say": str(index)}]})
         )
-        dead.create_run(conversation.id, run_id=f"r{index}", activate=True, reason="user")
+        dead.create_run(
+            conversation.id, run_id=f"r{index}", activate=True, reason="user", started=True
+        )
         conversations.append(conversation.id)
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         orphans = recovery.orphaned_runs(connection)
@@ -319,7 +340,7 @@ async def test_a_node_declared_dead_stops_its_runs_without_recording_them_again(
             node(node_settings(tmp_path, "a"), a_store, gates) as sup_a,
             node(node_settings(tmp_path, "b"), b_store, gates) as sup_b,
         ):
-            conv_a, run_a = await running_run(sup_a, gates, "a")
+            conv_a, run_a = await running_run(sup_a, gates, "a", sup_b)
             age_lease(postgres_url, a_store.node_id)
             async with by_hand(sup_b, postgres_url) as lease_b:
                 assert await lease_b.beat() is True  # (a): A's row deleted

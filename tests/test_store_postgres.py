@@ -6,6 +6,7 @@ the store suites (``tests/store_kinds.py``)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -55,13 +56,11 @@ def store(postgres_url: str) -> Iterator[PostgresStore]:
 
 
 def wait_for(condition: Any) -> None:
-    """Poll ``condition()`` (a database state another thread reaches) until it holds."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(_poll, condition).result(timeout=HANG)
-
-
-def _poll(condition: Any) -> None:
+    """Poll ``condition()`` (a state another thread reaches) until it holds; fail after
+    :data:`HANG` seconds instead of hanging."""
+    deadline = time.monotonic() + HANG
     while not condition():
+        assert time.monotonic() < deadline, "the awaited state was never reached"
         threading.Event().wait(0.005)
 
 
@@ -168,8 +167,10 @@ def test_two_nodes_batches_that_deadlock_run_again(postgres_url: str) -> None:
             futures = []
             for node, order in ((nodes[0], (first, second)), (nodes[1], (second, first))):
                 with node._db.locked_writer():  # both writes of a node in one batch
-                    futures += [pool.submit(say, node, c, "x") for c in order]
-                    wait_for(lambda node=node: node._db.waiting_writes() == 2)
+                    for queued, conversation_id in enumerate(order, start=1):
+                        # One at a time: a batch runs its writes in the order they queued.
+                        futures.append(pool.submit(say, node, conversation_id, "x"))
+                        wait_for(lambda n=node, q=queued: n._db.waiting_writes() == q)
             waiting = (
                 "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
             )

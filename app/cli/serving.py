@@ -13,16 +13,17 @@ On the way up, in this order, so that a server that cannot run touches nothing:
    same directory fails here, before the database is opened — its crash recovery would
    otherwise pause the live server's runs. It is created ``0700`` and ``chmod``-ed so:
    only the server's user may enter it (the database, the workspaces, the lock);
-2. with ``database_url``, claim the PostgreSQL database (``app/store/database_claim.py``:
-   one server per database, for the same reason); then open the store (in a thread, on a
-   limiter of its own): an unwritable directory or a database that cannot be opened (or is
-   claimed) fails here, as one line;
+2. open the store (in a thread, on a limiter of its own): an unwritable directory or a
+   database that cannot be opened fails here, as one line. A PostgreSQL database is not
+   claimed: several servers may share one, as the nodes of a cluster (each recovers only
+   dead nodes' runs; see ``app/cluster/``);
 3. choose the sandbox (:mod:`app.tools.sandbox`; ``auto`` probes bubblewrap once and logs
    a warning when it falls back to ``none``; an explicit ``bwrap`` that does not work is
    a one-line :class:`~app.tools.sandbox.SandboxUnavailable`);
 4. bind and serve; print ``trellis: serving on URL`` (stdout's one line).
 
-The claim is held until ``serve`` returns, or by the kernel until the process dies.
+The directory's claim is held until ``serve`` returns, or by the kernel until the process
+dies.
 
 Signals (Hypercorn's programmatic ``serve`` installs no handler of its own, so we own them):
 
@@ -60,7 +61,7 @@ from quart_trio import QuartTrio
 from app.agents.registry import AgentRegistry
 from app.settings import Settings
 from app.store.lock import DataDirError, DataDirLock
-from app.store.opening import claim_database, open_store
+from app.store.opening import open_store
 from app.supervisor import RunSupervisor
 from app.threads import apply_thread_settings
 from app.tools import sandbox
@@ -94,9 +95,7 @@ async def serve(
     startup = trio.CapacityLimiter(1)  # blocking start-up I/O, never on Trio's default limiter
     lock = DataDirLock(settings.data_dir)
     await trio.to_thread.run_sync(claim_private_dir, lock, limiter=startup)
-    claim = None
     try:
-        claim = await trio.to_thread.run_sync(claim_database, settings, limiter=startup)
         store = await trio.to_thread.run_sync(open_store, settings, limiter=startup)
         try:
             mode = await trio.to_thread.run_sync(
@@ -110,8 +109,6 @@ async def serve(
             with trio.CancelScope(shield=True):  # closing is quick; a cancel must not skip it
                 await trio.to_thread.run_sync(store.close, limiter=startup)
     finally:
-        if claim is not None:
-            claim.release()
         lock.release()
 
 

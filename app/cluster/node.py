@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from app.cluster.changes import Changes
+from app.cluster.claims import Claims
+from app.cluster.control import Control
 from app.cluster.nodes import NodeLease
 
 if TYPE_CHECKING:
@@ -35,5 +37,7 @@ class ClusterNode:
             # in the order they must start.
             await nursery.start(NodeLease(self.supervisor, self.url).serve)
             await nursery.start(Changes(self.supervisor).serve)
+            await nursery.start(Claims(self.supervisor).serve)
+            await nursery.start(Control(self.supervisor).serve)
             task_status.started()
             await trio.sleep_forever()

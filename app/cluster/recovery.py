@@ -8,7 +8,9 @@ A node is dead when its row in ``nodes`` has not been heartbeaten for the lease
     Times are the database's (``now()``), never a node's clock.
 (b) :func:`stop_orphans` — every active run whose ``node`` has no row in ``nodes`` (a dead
     node's, a node that died between (a) and (b), the runs of the only node that crashed,
-    runs from before nodes existed: ``node`` null) is stopped through the store's
+    runs from before nodes existed: ``node`` null; but not a queued run no node has claimed
+    yet — ``node`` null too —, which is the cluster's queue, ``app/store/claims.py``, and
+    waits for a live node) is stopped through the store's
     ``stop_runs`` with reason :data:`REASON`: one transaction per chunk, the runs and their
     conversations ``paused`` with their status events. Idempotent and race-free: the stop
     only changes runs that are still active when its UPDATE gets their row locks
@@ -40,6 +42,7 @@ RUNS_PER_STOP = 20_000
 _EXPIRE = "DELETE FROM nodes WHERE last_heartbeat < now() - make_interval(secs => %s) RETURNING id"
 _ORPHANS = (
     "SELECT r.id FROM runs AS r WHERE r.status IN ('queued', 'running', 'pausing')"
+    " AND (r.node IS NOT NULL OR r.status <> 'queued')"  # unclaimed: the cluster's queue
     " AND NOT EXISTS (SELECT 1 FROM nodes AS n WHERE n.id = r.node) ORDER BY r.n LIMIT %s"
 )
 

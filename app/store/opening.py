@@ -5,37 +5,22 @@ create or migrate their schema on opening and refuse a database written by a new
 psycopg is imported only for PostgreSQL (importing it costs ~125 ms, which a server on
 SQLite and every CLI command would otherwise pay).
 
-Errors: :class:`~app.store.lock.DataDirError`, one line (unreachable, refused, in use by
-another server, a schema newer than this Trellis); the password of a URL is masked in it.
+Several servers may open one PostgreSQL database at once: they are the nodes of a cluster
+(``app/cluster/``). A SQLite file belongs to one server (its data directory's lock).
+
+Errors: :class:`~app.store.lock.DataDirError`, one line (unreachable, refused, a schema
+newer than this Trellis); the password of a URL is masked in it.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-from typing import TYPE_CHECKING
 
 from app.redact import mask_url
 from app.settings import Settings
 from app.store.base import EventStore
 from app.store.lock import DataDirError
 from app.store.sqlite import SqliteStore
-
-if TYPE_CHECKING:
-    from app.store.database_claim import DatabaseClaim
-
-
-def claim_database(settings: Settings) -> DatabaseClaim | None:
-    """With ``database_url``: claim the database for this server (held until released;
-    see ``app/store/database_claim.py``). ``None`` for SQLite (the data directory's lock
-    is its claim)."""
-    if not settings.database_url:
-        return None
-    from app.store.database_claim import DatabaseClaim
-
-    claim = DatabaseClaim(settings.database_url, holder=f"pid {os.getpid()}")
-    claim.acquire()
-    return claim
 
 
 def open_store(settings: Settings) -> EventStore:

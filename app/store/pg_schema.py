@@ -35,7 +35,7 @@ import psycopg
 SCHEMA_VERSION = 1
 
 #: The advisory lock of migrations: a constant and the hash of the current schema (the
-#: server claim, ``app/store/database_claim.py``, uses another constant).
+#: run queue's locks, ``app/store/claims.py``, use other keys).
 _MIGRATION_LOCK = (
     "SELECT pg_advisory_xact_lock(hashtext('trellis.migrate'), hashtext(current_schema()))"
 )

@@ -35,8 +35,9 @@ class RunRows:
 
     ``touched`` is the store's set of conversations the current transaction changed (their
     cached records embed the current run); ``append`` is the store's event insert;
-    ``node``: the id new runs are recorded with (``runs.node``: the node that claims them
-    when several share the database), ``None`` on SQLite.
+    ``node``: the id runs recorded ``started`` are recorded with (``runs.node``: the node
+    that claimed them when several share the database; a queued run has none), ``None``
+    on SQLite.
     """
 
     def __init__(self, touched: set[str], append: Append, node: str | None = None) -> None:
@@ -61,7 +62,7 @@ class RunRows:
                 Status.QUEUED.value,
                 new.reason,
                 utc_now().isoformat(),
-                self._node,
+                self._node if new.started else None,  # a queued run has no node yet
             ),
         )
         if new.activate:

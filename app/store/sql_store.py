@@ -46,6 +46,7 @@ from app.store.base import (
 )
 from app.store.cache import RecordCache
 from app.store.change_notes import change_notes
+from app.store.claims import QueueRows
 from app.store.connections import Connections
 from app.store.engine import Connection, Engine
 from app.store.faults import StoreHealth
@@ -90,8 +91,12 @@ class SqlStore:
         self._touched: set[str] = set()  # conversations the current write transaction changed
         self._appended: list[Event] = []  # events the current write transaction appended
         self._listeners: list[Callable[[list[Event]], None]] = []
-        node = self.node_id if self.cluster_url is not None else None  # runs.node
-        self._runs = RunRows(self._touched, self._append, node)
+        #: On a shared database runs are queued in it and claimed (app/store/claims.py).
+        self._runs = (
+            RunRows(self._touched, self._append)
+            if self.cluster_url is None
+            else QueueRows(self._touched, self._append, self.node_id)
+        )
         self._db = Connections(
             engine,
             after_commit=self._refresh_cached,
@@ -415,6 +420,29 @@ class SqlStore:
             stopped = self._runs.stop(conn, run_ids, reason)
         order = {run_id: index for index, run_id in enumerate(run_ids)}
         return sorted(stopped, key=lambda run: order[run.id])
+
+    def claim_runs(self, limit: int) -> list[tuple[RunRecord, ConversationRecord]]:
+        """Shared database: claim at most ``limit`` queued runs for this node, recorded
+        ``running`` (``app/store/claims.py``); one transaction."""
+        with self._write() as conn:
+            return self._queue_rows().claim(conn, limit)
+
+    def queue_positions(self, run_ids: list[str]) -> dict[str, int]:
+        """Shared database: the cluster-wide ``queue_position`` of those of the runs that
+        are claimable (``app/store/claims.py``)."""
+        rows = self._queue_rows()
+        with self._read() as conn:
+            return {run_id: rows.position(conn, run_id) for run_id in rows.claimable(conn, run_ids)}
+
+    def queue_channel(self) -> str:
+        """Shared database: the channel a NOTIFY says "a run can be claimed" on."""
+        with self._read() as conn:
+            return self._queue_rows().channel(conn)
+
+    def _queue_rows(self) -> QueueRows:
+        if not isinstance(self._runs, QueueRows):
+            raise TypeError("runs are queued in the database only on a shared (PostgreSQL) store")
+        return self._runs
 
     def save_progress(self, run_id: str, *, steps: int, agent_state: dict[str, Any]) -> None:
         """Record a completed step: the run's step count and the agent's state, together
