@@ -7,6 +7,7 @@
 #   make bench-scale                    one node at scale: 1k/5k/10k runs in flight (bench/scale.py)
 #   make bench-quick                    the same at small sizes, under a minute
 #   make bench-postgres                 the server on PostgreSQL against SQLite (a local server)
+#   make bench-nodes                    runs/s with 1, 2 and 3 nodes on one PostgreSQL database
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA ?= ./data
 
-.PHONY: serve test lint types pytest bench bench-scale bench-quick bench-postgres clean
+.PHONY: serve test lint types pytest bench bench-scale bench-quick bench-postgres bench-nodes clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,9 @@ bench-scale: $(INSTALLED)
 
 bench-postgres: $(INSTALLED)
 	$(BIN)/python bench/postgres_vs_sqlite.py
+
+bench-nodes: $(INSTALLED)
+	$(BIN)/python bench/cluster_nodes.py
 
 bench-quick: $(INSTALLED)
 	$(BIN)/python bench/scale.py --quick

@@ -12,11 +12,13 @@ bisection of the slot line) — :meth:`RunBoard.active_runs` stops after ``limit
 walking a long line. The ``async`` methods read through the I/O limiter.
 
 Cluster (a shared PostgreSQL database, ``app/store/claims.py``): the queue is in the
-database, not in this node's slot line. :meth:`RunBoard.get_run` then reads a queued run's
-cluster-wide position from the database (one count query); the synchronous views show
-this node's own runs — ``running`` is this node's, ``queued`` counts only the runs this
-node holds without a slot (normally none): the cluster queue's length is the number to
-watch, in the database (``SELECT count(*) FROM runs WHERE status = 'queued'``).
+database, not in this node's slot line. :meth:`RunBoard.get_run` and
+:meth:`RunBoard.with_positions` (what the HTTP handlers present runs with: run lists,
+conversations) then read the queued runs' cluster-wide positions from the database (one
+read for all the runs shown); the synchronous views show this node's own runs —
+``running`` is this node's, ``queued`` counts only the runs this node holds without a slot
+(normally none): the cluster queue's length is the number to watch, in the database
+(``SELECT count(*) FROM runs WHERE status = 'queued'``).
 
 Ownership: the supervisor creates the board; it owns no task, no thread and no state of
 its own.
@@ -25,7 +27,7 @@ its own.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import trio
 
@@ -56,10 +58,17 @@ class RunBoard:
         """
         shared = self._shared
         record = await shared.io(shared.store.get_run, conversation_id, run_id)
+        [positioned] = await self.with_positions([record])
+        return positioned
+
+    async def with_positions(self, records: Sequence[RunRecord]) -> list[RunRecord]:
+        """``records`` with their live ``queue_position``: on one node from the slot line
+        (:meth:`with_position`, no wait); in a cluster the database's, one read for all of
+        them through the I/O limiter (:meth:`cluster_positions`)."""
         if not self._desk.clustered:
-            return self.with_position(record)
-        positions = await self.cluster_positions([record])
-        return _positioned(record, positions.get(record.id))
+            return [self.with_position(record) for record in records]
+        positions = await self.cluster_positions(records)
+        return [_positioned(record, positions.get(record.id)) for record in records]
 
     async def cluster_positions(self, records: Iterable[RunRecord]) -> dict[str, int]:
         """Shared database: the cluster-wide ``queue_position`` of the queued ones among

@@ -27,7 +27,10 @@ queued in the database with none: pause and interrupt go through :attr:`RunStops
 — the cluster's control part (``app/cluster/control.py``), which has every node that runs
 one do exactly the local stop below (:meth:`RunStops.stop_here`; this node included) and
 answers once they have. The answer is the current run's record as it is then, read from
-the store: the same statuses as a stop on one node.
+the store: the same statuses as a stop on one node. Deleting a conversation goes the same
+way first (action ``delete``: every node that runs one stops it with reason ``deleted`` and
+waits until its end is recorded, bounded as here; unclaimed queued runs are recorded
+``paused``/``deleted`` in the database), and only then are its rows deleted.
 
 Ownership: the supervisor creates one :class:`RunStops` and calls it on the Trio thread; it
 owns no task or thread. Every wait here is a checkpoint: cancelling a caller (a client
@@ -60,12 +63,19 @@ log = logging.getLogger("trellis.supervisor")
 INTERRUPT_JOIN_SECONDS = 1.0
 
 #: What a caller may ask of a conversation's runs, here or on another node.
-StopAction = Literal["pause", "interrupt"]
+StopAction = Literal["pause", "interrupt", "delete"]
+
+#: The reason each action records on the runs it stops.
+STOP_REASONS: dict[StopAction, str] = {
+    "pause": "pause",
+    "interrupt": "interrupt",
+    "delete": "deleted",
+}
 
 
 class ClusterStops(Protocol):
-    """Pause and interrupt on a shared database, where a conversation's runs may be on
-    any node (``app/cluster/control.py``)."""
+    """Pause, interrupt and delete on a shared database, where a conversation's runs may
+    be on any node (``app/cluster/control.py``)."""
 
     async def stop_everywhere(self, conversation_id: str, action: StopAction) -> str | None:
         """Have ``action`` done to the conversation's active runs wherever they are (those
@@ -114,15 +124,28 @@ class RunStops:
         handle = self._shared.runs.get(run_id)
         return None if handle is None else handle.conversation_id
 
-    async def stop_here(self, conversation_id: str, action: StopAction) -> RunRecord:
-        """:meth:`pause_here` or :meth:`interrupt_here`."""
+    async def stop_here(self, conversation_id: str, action: StopAction) -> RunRecord | None:
+        """:meth:`pause_here`, :meth:`interrupt_here` or :meth:`delete_here` (``None``)."""
         if action == "pause":
             return await self.pause_here(conversation_id)
-        return await self.interrupt_here(conversation_id)
+        if action == "interrupt":
+            return await self.interrupt_here(conversation_id)
+        await self.delete_here(conversation_id)
+        return None
+
+    async def delete_here(self, conversation_id: str) -> None:
+        """Stop this node's runs of the conversation (reason ``deleted``) and wait until
+        their ends are recorded (bounded by ``shutdown_grace_seconds``: see the module
+        docstring). Nothing active here: returns at once."""
+        handles = self._shared.runs.of_conversation(conversation_id)
+        grace = self._shared.settings.shutdown_grace_seconds
+        await self._stop_and_join(handles, STOP_REASONS["delete"], grace)
 
     async def _everywhere(self, conversation_id: str, action: StopAction) -> RunRecord:
         if self.cluster is None:
-            return await self.stop_here(conversation_id, action)
+            record = await self.stop_here(conversation_id, action)
+            assert record is not None, "pause and interrupt answer with the run's record"
+            return record
         run_id = await self.cluster.stop_everywhere(conversation_id, action)
         if run_id is None:
             raise _nothing_active(conversation_id, action)
@@ -170,9 +193,10 @@ class RunStops:
 
     async def delete_conversation(self, conversation_id: str, *, delete_workspace: bool) -> None:
         """Stop the conversation's runs (reason ``deleted``), wait until their ends are
-        recorded (bounded: see the module docstring), then delete it from the store, end
-        its streams and, with ``delete_workspace``, delete its workspace directory (see
-        :mod:`app.workspaces`). Admission refuses the conversation meanwhile.
+        recorded (bounded: see the module docstring) — in a cluster on every node, through
+        :attr:`cluster` — then delete it from the store, end its streams and, with
+        ``delete_workspace``, delete its workspace directory (see :mod:`app.workspaces`).
+        Admission here refuses the conversation meanwhile.
 
         Errors:
             :class:`~app.errors.NotFound`; :class:`~app.workspaces.WorkspaceInUse` (409,
@@ -184,8 +208,10 @@ class RunStops:
             workspaces.check_workspace_free(conversation, runs)
         self._desk.deleting.add(conversation_id)
         try:
-            handles = runs.of_conversation(conversation_id)
-            await self._stop_and_join(handles, "deleted", shared.settings.shutdown_grace_seconds)
+            if self.cluster is None:
+                await self.delete_here(conversation_id)
+            else:
+                await self.cluster.stop_everywhere(conversation_id, "delete")
             await shared.io(shared.store.delete_conversation, conversation_id)
             await self._live.conversation_deleted(conversation_id)
             if delete_workspace:

@@ -481,6 +481,10 @@ class RunSupervisor:
         """``record`` with its live ``queue_position`` filled in."""
         return self._board.with_position(record)
 
+    async def with_positions(self, records: list[RunRecord]) -> list[RunRecord]:
+        """``records`` with their live ``queue_position`` (in a cluster: one database read)."""
+        return await self._board.with_positions(records)
+
     def active_runs(
         self, limit: int | None = None, *, running: bool | None = None
     ) -> list[tuple[str, bool, int | None]]:

@@ -35,11 +35,14 @@ blueprint = Blueprint("conversations", __name__, url_prefix="/api/conversations"
 C = TypeVar("C", ConversationRecord, ConversationSummary)
 
 
-def present(sup: RunSupervisor, conversation: C) -> C:
-    """The record (or summary) with its run's live queue position."""
-    if conversation.run is None:
-        return conversation
-    return conversation.model_copy(update={"run": sup.with_position(conversation.run)})
+async def present(sup: RunSupervisor, conversations: list[C]) -> list[C]:
+    """The records (or summaries) with their runs' live queue positions (in a cluster, one
+    database read for all of them: ``RunBoard.with_positions``)."""
+    runs = await sup.with_positions([c.run for c in conversations if c.run is not None])
+    by_id = {run.id: run for run in runs}
+    return [
+        c if c.run is None else c.model_copy(update={"run": by_id[c.run.id]}) for c in conversations
+    ]
 
 
 def check_spec_size(agent: dict[str, Any], limit: int) -> None:
@@ -140,8 +143,10 @@ async def list_conversations() -> Response:
         cursor=query.cursor,
         tenant=None if principal.admin else principal.tenant,
     )
+    summaries = [item for item in page.items if isinstance(item, ConversationSummary)]
+    presented = iter(await present(sup, summaries))
     items = [
-        present(sup, item) if isinstance(item, ConversationSummary) else item for item in page.items
+        next(presented) if isinstance(item, ConversationSummary) else item for item in page.items
     ]
     return json_response(ConversationList(items=items, next_cursor=page.next_cursor))
 
@@ -150,7 +155,8 @@ async def list_conversations() -> Response:
 @documented("A conversation with its current run.", response=ConversationRecord, errors=(404,))
 async def get_conversation(conversation_id: str) -> Response:
     sup = supervisor()
-    return json_response(present(sup, await http.get_conversation(sup, conversation_id)))
+    [conversation] = await present(sup, [await http.get_conversation(sup, conversation_id)])
+    return json_response(conversation)
 
 
 @blueprint.delete("/<conversation_id>")

@@ -69,7 +69,7 @@ async def list_runs(conversation_id: str) -> Response:
     runs, next_after = await sup.io(
         sup.store.list_runs, conversation_id, limit=query.limit, after=query.after
     )
-    items = [sup.with_position(run) for run in runs]
+    items = await sup.with_positions(runs)
     return json_response(RunList(items=items, next_after=next_after))
 
 
@@ -150,4 +150,6 @@ async def server_runs() -> Response:
         for run_id, _, position in active
         if run_id in records  # not in records: still being created
     ]
+    if sup.desk.clustered:  # the line is the database's: its positions, one read
+        items = await sup.with_positions(items)
     return json_response(RunList(items=items))

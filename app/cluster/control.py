@@ -1,4 +1,4 @@
-"""Pause and interrupt across nodes: requests and replies on the control channel.
+"""Pause, interrupt and delete across nodes: requests and replies on the control channel.
 
 On a shared database a conversation's runs may be on any node — in the run board of the
 node that claimed each — or queued in the database with no node (``app/store/claims.py``),
@@ -8,11 +8,13 @@ to the runs' nodes and brings their answers back, over PostgreSQL's LISTEN/NOTIF
 schema's control channel: requests and replies (``app/cluster/control_messages.py``).
 
 **Asking** (node A, :meth:`Control.stop_everywhere`; ``RunStops`` calls it for every pause
-and interrupt while this part serves):
+and interrupt while this part serves, and for a ``delete`` before it deletes the rows: the
+reason recorded is then ``deleted``, and every node waits until its runs' ends are
+recorded, bounded by ``shutdown_grace_seconds`` instead of the brief join):
 
 1. read the conversation's active runs from the database, oldest (the current one) first;
 2. a run ``queued`` with no node waits in the cluster queue and has no thread: A records it
-   ``paused`` itself (``Trigger.STOP``, reason the action, with its status event, in one
+   ``paused`` itself (``Trigger.STOP``, the action's reason, with its status event, in one
    transaction: ``store.transition_run``, whose UPDATE only matches the status it read,
    under the row's lock — a claimer that took the run meanwhile made it ``running`` and the
    stop changes nothing; A then reads the runs again, at most :data:`ATTEMPTS` times).
@@ -21,7 +23,8 @@ and interrupt while this part serves):
    conversation) — sent in the same hop as the read when nothing was unclaimed;
 4. A's own runs of the conversation: the local stop (:meth:`RunStops.stop_here
    <app.stopping.RunStops.stop_here>`), meanwhile the others do theirs;
-5. wait for every reply, at most :data:`REPLY_SECONDS` from the start, sending a request
+5. wait for every reply, at most :data:`REPLY_SECONDS` from the start (a delete:
+   ``shutdown_grace_seconds`` + :data:`REPLY_MARGIN_SECONDS`), sending a request
    again every :data:`RESEND_SECONDS` until its reply comes (either may have been lost
    while a listener reconnected).
 
@@ -65,7 +68,7 @@ from app.cluster.nodes import _first_line
 from app.cluster.notifications import Listener, Notification
 from app.errors import IllegalTransition, NotFound, TrellisError
 from app.lifecycle import Status, Trigger
-from app.stopping import INTERRUPT_JOIN_SECONDS, StopAction
+from app.stopping import INTERRUPT_JOIN_SECONDS, STOP_REASONS, StopAction
 from app.store.base import EventStore
 from app.store.faults import StoreUnavailable
 
@@ -80,7 +83,8 @@ T = TypeVar("T")
 #: How long an asker waits for the replies: the doing node's own brief wait, plus a margin
 #: for the two hops and the reads around them (measured: a few milliseconds in all on one
 #: machine, bench/cluster_control.py; the margin is for a loaded or distant database).
-REPLY_SECONDS = INTERRUPT_JOIN_SECONDS + 0.25
+REPLY_MARGIN_SECONDS = 0.25
+REPLY_SECONDS = INTERRUPT_JOIN_SECONDS + REPLY_MARGIN_SECONDS
 #: An asker sends a request again when its reply has not come within this: a request or
 #: a reply is lost while a listener reconnects (its first retry after 0.2 s,
 #: ``app/cluster/notifications.py``); a reply normally takes a few milliseconds. A node
@@ -190,7 +194,10 @@ class Control:
         """
         tag = f"{self._node_id}.{next(self._tags)}"
         replies = self._waiting[tag] = _Replies()
-        deadline = trio.current_time() + REPLY_SECONDS
+        wait = REPLY_SECONDS  # a delete: the nodes' bounded join instead of the brief one
+        if action == "delete":
+            wait = self._supervisor.settings.shutdown_grace_seconds + REPLY_MARGIN_SECONDS
+        deadline = trio.current_time() + wait
         try:
             current, asked = await self._stop_unclaimed_then_ask(conversation_id, action, tag)
             if self._stops.runs_here(conversation_id):
@@ -245,7 +252,7 @@ class Control:
             return await self._call(fn, *args)
         except psycopg.Error as error:
             raise StoreUnavailable(
-                "cannot pause or interrupt runs of other nodes: the database cannot be"
+                "cannot stop runs of other nodes: the database cannot be"
                 f" reached ({_first_line(error)}). Check that the PostgreSQL server is running"
                 " and reachable from this host",
                 detail={"sqlite_error": None, "sqlstate": getattr(error, "sqlstate", None)},
@@ -254,11 +261,12 @@ class Control:
     async def _stop_unclaimed(self, run_ids: list[str], action: StopAction) -> bool:
         """Record the unclaimed queued runs ``paused``; ``False`` if one of them was
         claimed (or ended, or deleted) meanwhile: read the runs again."""
+        reason = STOP_REASONS[action]
 
         def stop(store: EventStore) -> bool:
             for run_id in run_ids:
                 try:
-                    store.transition_run(run_id, Trigger.STOP, reason=action)
+                    store.transition_run(run_id, Trigger.STOP, reason=reason)
                 except (IllegalTransition, NotFound):
                     return False
             return True
@@ -286,8 +294,8 @@ class Control:
                 log.warning("ignoring a malformed control message: %r", notification.payload[:200])
 
     async def _do(self, request: Request) -> None:
-        """The local pause or interrupt of the run's conversation (if the run is here),
-        then the reply."""
+        """The local pause, interrupt or delete stop of the run's conversation (if the run
+        is here), then the reply."""
         conversation_id = await self._conversation_here(request.run_id)
         try:
             if conversation_id is not None:

@@ -7,17 +7,17 @@ A node asks another to stop a conversation's runs, and the other replies once it
     "<action> <run_id> <target node> <tag>"   node <target>: <action> the run's conversation
     "done <tag> <target node>"                <target> has done it (or has no such run)
 
-``action`` is ``pause`` or ``interrupt``; ``tag`` (``<asking node>.<n>``) names one asking
-and carries no space, as node and run ids do not. A message is a hint, as a change note is
-(``app/store/change_notes.py``): the truth is read from the store. Every message is far
-under PostgreSQL's 8000-byte payload limit.
+``action`` is ``pause``, ``interrupt`` or ``delete``; ``tag`` (``<asking node>.<n>``) names
+one asking and carries no space, as node and run ids do not. A message is a hint, as a
+change note is (``app/store/change_notes.py``): the truth is read from the store. Every
+message is far under PostgreSQL's 8000-byte payload limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.stopping import StopAction
+from app.stopping import STOP_REASONS, StopAction
 from app.store.change_notes import channel_name
 
 #: Sends a list of payloads with one statement (``%s``: the channel, a text[] of payloads).
@@ -58,7 +58,7 @@ def parse(payload: str) -> Request | Reply | None:
     parts = payload.split(" ")
     if len(parts) == 3 and parts[0] == "done" and all(parts):
         return Reply(parts[1], parts[2])
-    if len(parts) == 4 and parts[0] in ("pause", "interrupt") and all(parts):
-        action: StopAction = "pause" if parts[0] == "pause" else "interrupt"
+    if len(parts) == 4 and parts[0] in STOP_REASONS and all(parts):
+        action: StopAction = next(a for a in STOP_REASONS if a == parts[0])
         return Request(action, parts[1], parts[2], parts[3])
     return None

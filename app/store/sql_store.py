@@ -430,9 +430,8 @@ class SqlStore:
     def queue_positions(self, run_ids: list[str]) -> dict[str, int]:
         """Shared database: the cluster-wide ``queue_position`` of those of the runs that
         are claimable (``app/store/claims.py``)."""
-        rows = self._queue_rows()
         with self._read() as conn:
-            return {run_id: rows.position(conn, run_id) for run_id in rows.claimable(conn, run_ids)}
+            return self._queue_rows().positions(conn, run_ids)
 
     def queue_channel(self) -> str:
         """Shared database: the channel a NOTIFY says "a run can be claimed" on."""
