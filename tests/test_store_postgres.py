@@ -97,6 +97,21 @@ def test_a_newer_schema_is_refused_and_left_alone(postgres_url: str) -> None:
     assert sql(postgres_url, "SELECT id FROM conversations") == [(kept,)]
 
 
+def test_a_version_1_database_is_migrated(postgres_url: str) -> None:
+    """Version 1 (no runs_active_by_conversation): opening it adds the index and records
+    the current version; its rows are kept."""
+    first = PostgresStore(postgres_url)
+    kept = create(first)
+    first.close()
+    sql(postgres_url, "DROP INDEX runs_active_by_conversation")
+    sql(postgres_url, "UPDATE trellis_schema SET version = 1")
+    PostgresStore(postgres_url).close()
+    assert sql(postgres_url, "SELECT version FROM trellis_schema") == [(SCHEMA_VERSION,)]
+    index = "SELECT 1 FROM pg_indexes WHERE indexname = 'runs_active_by_conversation'"
+    assert sql(postgres_url, index) == [(1,)]
+    assert sql(postgres_url, "SELECT id FROM conversations") == [(kept,)]
+
+
 def test_two_stores_starting_at_once_migrate_once(postgres_url: str) -> None:
     """Two stores opening a fresh schema at the same moment: the second waits for the
     first's migration (advisory lock) and finds nothing to do; both work."""

@@ -50,11 +50,14 @@ from app.store.change_notes import channel_name
 from app.store.engine import Connection
 from app.store.run_rows import Append, RunRows
 
-#: The runs a claim may take: queued, and first in line in their conversation.
+#: The runs a claim may take: queued, and first in line in their conversation. Written as
+#: "its n is the smallest of its conversation's active runs": a subplan per queued run
+#: that the index runs_active_by_conversation answers at once, whatever the planner's
+#: statistics (the NOT EXISTS form became a join that compared every queued run with every
+#: active one: 600 queued, 26 ms a claim or a position, against 0.9 / 0.8 ms).
 CLAIMABLE = (
-    "r.status = 'queued' AND NOT EXISTS (SELECT 1 FROM runs AS e WHERE"
-    " e.conversation_id = r.conversation_id AND e.n < r.n"
-    " AND e.status IN ('queued', 'running', 'pausing'))"
+    "r.status = 'queued' AND r.n = (SELECT min(e.n) FROM runs AS e WHERE"
+    " e.conversation_id = r.conversation_id AND e.status IN ('queued', 'running', 'pausing'))"
 )
 _CLAIM = f"SELECT r.id FROM runs AS r WHERE {CLAIMABLE} ORDER BY r.n LIMIT ? FOR UPDATE SKIP LOCKED"
 _POSITION = (

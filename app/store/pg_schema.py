@@ -31,8 +31,9 @@ from typing import Any
 
 import psycopg
 
-#: 1: the first shape (SQLite schema version 5, plus runs.node and nodes).
-SCHEMA_VERSION = 1
+#: 1: the first shape (SQLite schema version 5, plus runs.node and nodes); 2: the
+#: index runs_active_by_conversation (the cluster queue).
+SCHEMA_VERSION = 2
 
 #: The advisory lock of migrations: a constant and the hash of the current schema (the
 #: run queue's locks, ``app/store/claims.py``, use other keys).
@@ -78,6 +79,9 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_by_conversation ON runs (conversation_id, n);
 CREATE INDEX runs_active ON runs (status) WHERE status IN ('queued', 'running', 'pausing');
+-- A conversation's first active run, for the cluster queue (app/store/claims.py).
+CREATE INDEX runs_active_by_conversation ON runs (conversation_id, n)
+    WHERE status IN ('queued', 'running', 'pausing');
 
 CREATE TABLE events (                                   -- column order: appends.py inserts
     conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
@@ -133,7 +137,15 @@ CREATE TABLE trellis_schema (version INTEGER NOT NULL);
 """
 
 #: What brings a database of version N (the key) to version N + 1 (none yet).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # the cluster queue asks "is this the conversation's first active run?" for every
+    # queued run it looks at: without this index that is a scan of the active runs for
+    # each (600 queued: 26 ms a claim; with it and claims.CLAIMABLE's min() form: 0.9 ms)
+    1: (
+        "CREATE INDEX IF NOT EXISTS runs_active_by_conversation ON runs (conversation_id, n)"
+        " WHERE status IN ('queued', 'running', 'pausing')",
+    ),
+}
 
 
 def initialize(connection: psycopg.Connection[Any]) -> None:
