@@ -39,6 +39,8 @@ from workload import log
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tables import aligned
+
 from app.events import Event, StatusPayload
 from app.lifecycle import Status
 from app.records import RunRecord
@@ -189,13 +191,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
                 verdict if name.startswith("through") else "",
             ]
         )
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    text = [
-        " | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    ]
-    text.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(text)
+    return aligned(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from postgres_vs_sqlite import postgres_cpu_seconds, throwaway_database
 from raw_client import RawClient
 from scale import machine_header
 from server_process import TrellisServer
+from tables import aligned
 from workload import log, percentile
 
 NODE_COUNTS = (1, 2, 3)
@@ -289,13 +290,7 @@ def table(results: dict[int, dict[str, Any]]) -> str:
         line("idle: queue -> start median, ms", pick("idle_claim", "median_ms"), ",.1f"),
         line("idle: queue -> start max, ms", pick("idle_claim", "max_ms"), ",.1f"),
     ]
-    widths = [max(len(row[column]) for row in lines) for column in range(len(lines[0]))]
-    text = [
-        " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in lines
-    ]
-    text.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(text)
+    return aligned(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from raw_client import RawClient
 from runs import cpu_per_start
 from scale import machine_header
 from server_process import TrellisServer
+from tables import aligned
 from workload import create_conversations, log, wait_for_statistics
 
 ADMIN_URL = os.environ.get(
@@ -167,13 +168,7 @@ def rows(sqlite: dict[str, Any], postgres: dict[str, Any]) -> list[Line]:
 
 def format_rows(lines: list[Line]) -> str:
     header: Line = ("metric", "SQLite", "PostgreSQL", "PostgreSQL / SQLite")
-    widths = [max(len(row[column]) for row in [header, *lines]) for column in range(4)]
-    text = [
-        " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *lines]
-    ]
-    text.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(text)
+    return aligned([header, *lines])
 
 
 def main(argv: list[str] | None = None) -> int:
