@@ -76,12 +76,18 @@ def warnings_of_trellis(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -- delete across nodes --------------------------------------------------------------------
 
 
-async def test_delete_through_a_stops_the_run_on_b_first(
-    tmp_path: Path, postgres_url: str, gates: Gates, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("through", ["another node", "the run's own node"])
+async def test_delete_stops_the_run_on_its_node_first(
+    tmp_path: Path,
+    postgres_url: str,
+    gates: Gates,
+    caplog: pytest.LogCaptureFixture,
+    through: str,
 ) -> None:
-    """DELETE through A of a conversation whose run is mid-step on B: 204 once B has
-    recorded the run ``paused``/``deleted`` (before the rows went), B is left with no run
-    and no thread, its step never went on, and nothing was logged as a warning or error."""
+    """DELETE of a conversation whose run is mid-step on B, through A (the cluster path)
+    or through B itself (the cluster path's own-node stop): 204 once B has recorded the
+    run ``paused``/``deleted`` (before the rows went), B is left with no run and no
+    thread, its step never went on, and nothing was logged as a warning or error."""
     caplog.set_level(logging.WARNING)
     with trio.fail_after(30):
         async with two_servers(tmp_path, postgres_url, gates, b_slots=2) as (a, b):
@@ -91,7 +97,8 @@ async def test_delete_through_a_stops_the_run_on_b_first(
             cid, run_id = created.json()["id"], created.json()["run"]["id"]
             await gates["d1"].wait_entered()
             on_b = record_statuses(b)
-            deleted = await a.client.delete(f"/api/conversations/{cid}")
+            asked = a if through == "another node" else b
+            deleted = await asked.client.delete(f"/api/conversations/{cid}")
             stats = b.supervisor.statistics()
             gone = [(await s.client.get(f"/api/conversations/{cid}")).status_code for s in (a, b)]
     assert deleted.status_code == 204
@@ -156,29 +163,6 @@ async def test_delete_through_a_stops_bs_run_and_the_one_queued_behind_it(
     assert deleted.status_code == 204
     assert on_b == [(first, "paused", "deleted")]
     assert gates["m1"].entries == 1
-
-
-async def test_delete_through_the_runs_own_node_stops_it_there(
-    tmp_path: Path, postgres_url: str, gates: Gates, caplog: pytest.LogCaptureFixture
-) -> None:
-    """In a cluster, DELETE through the node that runs the run stops it locally (the
-    cluster path's own-node stop): ``paused``/``deleted``, nothing left on B."""
-    caplog.set_level(logging.WARNING)
-    with trio.fail_after(30):
-        async with two_servers(tmp_path, postgres_url, gates, b_slots=2) as (_, b):
-            created = await b.client.post(
-                "/api/conversations", json={"agent": gated("o1", "o2"), "run": True}
-            )
-            cid, run_id = created.json()["id"], created.json()["run"]["id"]
-            await gates["o1"].wait_entered()
-            on_b = record_statuses(b)
-            deleted = await b.client.delete(f"/api/conversations/{cid}")
-            stats = b.supervisor.statistics()
-    assert deleted.status_code == 204
-    assert on_b == [(run_id, "paused", "deleted")]
-    assert (stats.running, stats.run_threads_alive) == (0, 0)
-    assert (gates["o1"].entries, gates["o2"].entries) == (1, 0)
-    assert warnings_of_trellis(caplog) == []
 
 
 # -- queue positions ------------------------------------------------------------------------
